@@ -1,0 +1,194 @@
+"""Stage 04: the paper's figures and tables from a run folder's artifacts alone."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from kp_utils import plotting
+from kp_utils.artifacts import RunLayout
+from kp_utils.categories import KnowledgeCategory
+from kp_utils.config import StudyConfig
+from kp_utils.labelling import count_categories
+
+logger = logging.getLogger(__name__)
+
+CELL_FIELDS = ["cell_key", "label", "n_unknown", "n_extra_per_unknown", "extra_kind", "seed"]
+# Benchmark columns of results.csv -> axis label; Figures 1, 3 and 4 of Pletenev et al. (2025).
+BENCHMARK_FIGURES = {
+    "truthfulqa_mc1": ("figure1_truthfulqa_mc1", "TruthfulQA MC1 accuracy"),
+    "mmlu": ("figure3_mmlu", "MMLU 5-shot accuracy"),
+    "truthfulqa_mc2": ("figure4_truthfulqa_mc2", "TruthfulQA MC2 score"),
+    "arc_easy": ("figure_arc_easy", "ARC-Easy accuracy"),
+    "arc_challenge": ("figure_arc_challenge", "ARC-Challenge accuracy"),
+}
+
+
+def collect_epochs(run_dir: Path, cells: pd.DataFrame) -> pd.DataFrame:
+    """Join every cell's epochs.csv (loss and reliability per epoch) with the cell's fields."""
+    frames = []
+    for cell in cells.to_dict("records"):
+        path = RunLayout(run_dir).cell_dir(cell["cell_key"]) / "epochs.csv"
+        if path.exists():
+            frames.append(pd.read_csv(path).assign(**{k: cell[k] for k in CELL_FIELDS}))
+        else:
+            logger.warning("Cell %s has no epochs.csv yet; left out", cell["cell_key"])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CELL_FIELDS)
+
+
+def load_run(config: StudyConfig) -> dict:
+    """Read the tables that notebooks 01 to 03 wrote; raise FileNotFoundError naming what is missing."""
+    layout = RunLayout(config.run_dir)
+    required = [layout.base_labels_path, layout.cells_index_path, layout.results_path,
+                layout.base_benchmarks_path]
+    missing = [str(path) for path in required if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"Run {config.run_dir} lacks {missing}; run notebooks 01-03 first.")
+    cells = pd.read_csv(layout.cells_index_path)
+    return {
+        "base_labels": pd.read_parquet(layout.base_labels_path),
+        "cells": cells,
+        "results": pd.read_csv(layout.results_path),
+        "base_benchmarks": pd.read_csv(layout.base_benchmarks_path),
+        "epochs": collect_epochs(config.run_dir, cells),
+    }
+
+
+def _model_name(config: StudyConfig) -> str:
+    return config.model.name_or_path.removeprefix("embedded:")
+
+
+def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
+    """Draw and save every figure the run's tables support; return the paths per figure."""
+    out, formats, model = config.figures_dir, config.analysis.figure_formats, _model_name(config)
+    results, base = run["results"], run["base_benchmarks"].set_index("name")
+    saved = {}
+    if not run["epochs"].empty:
+        fig = plotting.plot_reliability_by_epoch(run["epochs"])
+        fig.axes[0].set_title(f"{model}: reliability on trained facts by epoch")
+        saved["figure2_reliability_by_epoch"] = plotting.save_figure(
+            fig, out, "figure2_reliability_by_epoch", formats)
+    for column, (name, label) in BENCHMARK_FIGURES.items():
+        if column not in results or results[column].isna().all():
+            continue
+        n_questions = int(results[f"{column}_n"].iloc[0])
+        base_value = float(base.loc[column, "score"]) if column in base.index else None
+        fig = plotting.plot_metric_vs_facts(
+            results, column, label, f"{model}: {label} ({n_questions} questions)", base_value)
+        saved[name] = plotting.save_figure(fig, out, name, formats)
+    for column, label in (("positive_share", "positive shift"), ("negative_share", "negative shift")):
+        n_questions = int(results["n_questions"].iloc[0])
+        fig = plotting.plot_metric_vs_facts(
+            results, column, f"Share of questions ({label})",
+            f"{model}: {label} (share of {n_questions} questions)", None)
+        saved[f"figure_{column}"] = plotting.save_figure(fig, out, f"figure_{column}", formats)
+    logger.info("Saved %d figures to %s", len(saved), out)
+    return saved
+
+
+def _mean_over_seeds(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    keys = ["n_unknown", "n_extra_per_unknown", "extra_kind"]
+    present = [c for c in columns if c in results]
+    return results.groupby(keys)[present].agg(["mean", "min", "max"]).round(4)
+
+
+def _benchmark_table(run: dict) -> pd.DataFrame:
+    base = run["base_benchmarks"].assign(label="base model")
+    rows = [base]
+    for record in run["results"].to_dict("records"):
+        for name in base["name"]:
+            if name in record:
+                rows.append(pd.DataFrame([{
+                    "label": record["label"], "name": name, "score": record[name],
+                    "ci_low": record[f"{name}_ci_low"], "ci_high": record[f"{name}_ci_high"],
+                    "n_questions": record[f"{name}_n"]}]))
+    return pd.concat(rows, ignore_index=True)[["label", "name", "score", "ci_low", "ci_high",
+                                                 "n_questions"]]
+
+
+def _reasons_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
+    frames = []
+    for cell in cells.to_dict("records"):
+        path = RunLayout(config.run_dir).cell_dir(cell["cell_key"]) / "eval" / "shift_reasons.csv"
+        if path.exists():
+            frames.append(pd.read_csv(path).assign(label=cell["label"]))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def make_tables(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
+    """Build the paper's Tables 1-5, 7 and 8 for this run and save each as CSV and Markdown."""
+    results = run["results"]
+    tables = {
+        "table1_categories": count_categories(run["base_labels"]),
+        "table2_reliability": _mean_over_seeds(results, ["reliability", "generalisation"]),
+        "table3_shifts": _mean_over_seeds(
+            results, ["positive_share", "negative_share", "n_questions"]),
+        "table4_refusals_diversity": _mean_over_seeds(
+            results, ["refusals_base", "refusals_adapted", *[c for c in results
+                                                            if c.startswith("collapse_")]]),
+        "table5_shift_reasons": _reasons_table(config, run["cells"]),
+        "table7_8_benchmarks": _benchmark_table(run),
+    }
+    for name, table in tables.items():
+        flat = table.copy()
+        if isinstance(flat.columns, pd.MultiIndex):
+            flat.columns = ["_".join(map(str, c)) for c in flat.columns]
+        plotting.save_table(flat.reset_index() if name != "table5_shift_reasons" else flat,
+                            config.figures_dir, name)
+    return tables
+
+
+def shift_examples(config: StudyConfig, run: dict, cell_key: str, relation: str | None,
+                   shift: str) -> pd.DataFrame:
+    """List the questions of one cell whose category moved in the `shift` direction.
+
+    `shift` is "positive", "negative" or "any"; the table shows base and adapted answers.
+    """
+    eval_dir = RunLayout(config.run_dir).cell_dir(cell_key) / "eval"
+    adapted = pd.read_parquet(eval_dir / "labels.parquet")
+    joined = run["base_labels"].merge(adapted, on=["fact_id", "relation", "domain"],
+                                      suffixes=("_base", "_adapted"))
+    rank = {c.value: c.rank for c in KnowledgeCategory}
+    delta = joined["category_adapted"].map(rank) - joined["category_base"].map(rank)
+    keep = {"positive": delta > 0, "negative": delta < 0, "any": delta != 0}[shift]
+    joined = joined[keep]
+    if relation:
+        joined = joined[joined["relation"] == relation]
+    replies = pd.read_parquet(eval_dir / "replies.parquet")
+    first = replies[replies["prompt_index"] == 0][["fact_id", "question", "extracted_answer"]]
+    return joined.merge(first, on="fact_id")[
+        ["fact_id", "relation", "question", "category_base", "category_adapted", "extracted_answer"]]
+
+
+def explore(config: StudyConfig, run: dict):
+    """Show an interactive explorer of shifted questions; headless runs get a static table.
+
+    The static table (first cell, any relation, any shift) is always displayed, so the
+    executed notebook records something readable even without a widget frontend.
+    """
+    from IPython.display import display
+    import ipywidgets as widgets
+
+    cells = run["cells"]
+    if cells.empty:
+        return None
+    first_key = cells["cell_key"].iloc[0]
+    display(shift_examples(config, run, first_key, None, "any").head(20))
+    relations = ["(all)"] + sorted(run["base_labels"]["relation"].unique())
+    cell_picker = widgets.Dropdown(options=list(zip(cells["label"], cells["cell_key"])),
+                                   description="cell")
+    relation_picker = widgets.Dropdown(options=relations, description="relation")
+    shift_picker = widgets.ToggleButtons(options=["any", "positive", "negative"],
+                                         description="shift")
+
+    def show(cell_key, relation, shift):
+        chosen = None if relation == "(all)" else relation
+        display(shift_examples(config, run, cell_key, chosen, shift))
+        exploded = RunLayout(config.run_dir).cell_dir(cell_key) / "eval" / "exploded_answers.csv"
+        if exploded.exists():
+            display(pd.read_csv(exploded))
+
+    return widgets.interactive(show, cell_key=cell_picker, relation=relation_picker,
+                               shift=shift_picker)

@@ -1,0 +1,177 @@
+"""Batched greedy generation that encodes a shared few-shot prefix once.
+
+Labelling asks every question under the same P prompts, and about nine tenths of each prompt is
+the few-shot prefix (system prompt plus exemplars). `generate_greedy` runs that prefix once,
+copies its key/value cache for each batch, and feeds only the per-question suffixes, left-padded
+between prefix and suffix. The attention mask hides the padding and explicit position ids keep
+each suffix contiguous with the prefix, so the logits equal those of the unpadded full prompt up
+to float rounding. Each sequence stops at its own stop token.
+
+`generate_naive` is the reference path: one `model.generate` call per question on the full
+prompt. The benchmark and the tests compare the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GreedyReply:
+    """One greedy continuation.
+
+    `prob` is the model's probability of the generated tokens before the stop token, the product
+    of their softmax probabilities. An empty reply has probability 1.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    prob: float
+    is_stopped: bool  # False when max_new_tokens ran out before a stop token
+
+
+def stop_token_ids(tokenizer, stop_at_newline: bool) -> set[int]:
+    """Return the ids that end a reply: EOS and end-of-turn tokens, plus newlines if asked.
+
+    Base models answering plain-text prompts have no end-of-turn token, so a reply ends at its
+    first newline, like the exemplar answers do.
+    """
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    for token in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+            ids.add(token_id)
+    if stop_at_newline:
+        vocab_ids = range(len(tokenizer))
+        ids.update(i for i in vocab_ids if "\n" in tokenizer.decode([i]))
+    return ids
+
+
+def cache_argument(model) -> str:
+    """Return the name of the forward argument that takes a key/value cache.
+
+    Transformers 5.25 renamed `past_key_values` to `cache` (the old name warns until 5.40). A
+    wrong name would vanish into **kwargs and the prefix would be silently ignored.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _pad_suffixes(suffixes: list[list[int]], pad_id: int, prefix_len: int, device):
+    """Left-pad suffixes; return ids, the full attention mask and position ids, all (B, S)."""
+    width = max(len(s) for s in suffixes)
+    ids = torch.full((len(suffixes), width), pad_id, dtype=torch.long)
+    suffix_mask = torch.zeros((len(suffixes), width), dtype=torch.long)
+    for row, suffix in enumerate(suffixes):
+        ids[row, width - len(suffix) :] = torch.tensor(suffix)
+        suffix_mask[row, width - len(suffix) :] = 1
+    # Real suffix tokens sit at positions prefix_len, prefix_len + 1, ...; padding slots get the
+    # first real position, and the mask hides them anyway.
+    positions = (prefix_len + suffix_mask.cumsum(-1) - 1).clamp(min=prefix_len)
+    prefix_mask = torch.ones((len(suffixes), prefix_len), dtype=torch.long)
+    mask = torch.cat([prefix_mask, suffix_mask], dim=-1)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+@torch.inference_mode()
+def _decode_batch(model, cache, ids, mask, positions, max_new_tokens: int, stops: set[int],
+                  pad_id: int) -> list[tuple[list[int], float, bool]]:
+    batch = ids.shape[0]
+    generated = [[] for _ in range(batch)]
+    log_probs = torch.zeros(batch, dtype=torch.float64)
+    finished = torch.zeros(batch, dtype=torch.bool)
+    name = cache_argument(model)
+    is_stopped = torch.zeros(batch, dtype=torch.bool)
+    for _ in range(max_new_tokens):
+        # logits_to_keep=1 skips the vocabulary projection of every position but the last.
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                    use_cache=True, logits_to_keep=1, **{name: cache})
+        step_log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+        next_ids = step_log_probs.argmax(dim=-1)
+        for row in range(batch):
+            if finished[row]:
+                continue
+            token = int(next_ids[row])
+            if token in stops:
+                finished[row] = is_stopped[row] = True
+            else:
+                generated[row].append(token)
+                log_probs[row] += float(step_log_probs[row, token])
+        if bool(finished.all()):
+            break
+        cache = out[name]
+        ids = torch.where(finished.to(next_ids.device), pad_id, next_ids).unsqueeze(-1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        positions = positions[:, -1:] + 1
+    return [(generated[r], float(torch.exp(log_probs[r])), bool(is_stopped[r]))
+            for r in range(batch)]
+
+
+@torch.inference_mode()
+def generate_greedy(model, tokenizer, prefix_ids: list[int], suffixes: list[list[int]],
+                    max_new_tokens: int, stops: set[int], batch_size: int = 32,
+                    show_progress: bool = False, desc: str = "generate") -> list[GreedyReply]:
+    """Greedily continue prefix + suffix for every suffix, encoding the prefix once.
+
+    Args:
+        prefix_ids: token ids shared by every prompt (at least one token).
+        suffixes: per-question token ids, each non-empty.
+        stops: token ids that end a reply (see `stop_token_ids`); they are not part of the text.
+
+    Returns:
+        One `GreedyReply` per suffix, in input order.
+    """
+    if not prefix_ids or any(len(s) == 0 for s in suffixes):
+        raise ValueError("generate_greedy needs a non-empty prefix and non-empty suffixes")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True,
+                   logits_to_keep=1)
+    replies: list[GreedyReply] = []
+    starts = range(0, len(suffixes), batch_size)
+    for start in tqdm(starts, desc=desc, total=len(starts), disable=not show_progress, leave=False):
+        chunk = suffixes[start : start + batch_size]
+        cache = copy.deepcopy(prefix[cache_argument(model)])
+        cache.batch_repeat_interleave(len(chunk))
+        ids, mask, positions = _pad_suffixes(chunk, pad_id, len(prefix_ids), device)
+        for tokens, prob, stopped in _decode_batch(model, cache, ids, mask, positions,
+                                                   max_new_tokens, stops, pad_id):
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            replies.append(GreedyReply(text, tuple(tokens), prob, stopped))
+    return replies
+
+
+@torch.inference_mode()
+def generate_naive(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
+                   stops: set[int], show_progress: bool = False) -> list[GreedyReply]:
+    """Greedily continue each full prompt with its own `model.generate` call (reference path)."""
+    device = next(model.parameters()).device
+    replies = []
+    for ids in tqdm(prompt_ids, desc="generate (naive)", disable=not show_progress, leave=False):
+        out = model.generate(
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
+            pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
+        )
+        new_tokens = out.sequences[0, len(ids) :].tolist()
+        log_prob, kept, stopped = 0.0, [], False
+        for token, scores in zip(new_tokens, out.logits):
+            if token in stops:
+                stopped = True
+                break
+            kept.append(token)
+            log_prob += float(torch.log_softmax(scores[0].float(), dim=-1)[token])
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        replies.append(GreedyReply(text, tuple(kept), float(torch.exp(torch.tensor(log_prob))),
+                                   stopped))
+    return replies

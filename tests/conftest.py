@@ -1,0 +1,40 @@
+"""Shared fixtures: the embedded tokenizer and a tiny randomly initialised Llama model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kp_utils.models import materialise_embedded
+
+EMBEDDED = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    """Folder of the dequantised embedded model (dequantised on first use, then cached)."""
+    return materialise_embedded(EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(embedded_dir):
+    """The embedded model's tokenizer, padding on the left as the loader sets it."""
+    loaded = AutoTokenizer.from_pretrained(embedded_dir)
+    loaded.padding_side = "left"
+    return loaded
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """Build a 2-layer Llama with hidden size 32: random weights, fixed by `seed`."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture()
+def tiny_model(tokenizer):
+    """A tiny random Llama over the embedded tokenizer's vocabulary."""
+    return build_tiny_llama(len(tokenizer))
