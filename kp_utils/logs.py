@@ -21,10 +21,16 @@ TRACKED_PACKAGES = ("torch", "transformers", "peft", "pandas", "papermill", "kno
 def git_commit(folder: Path) -> str:
     """Return the checked-out commit of `folder`, with "+dirty" for local changes, or "unknown"."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                cwd=folder, capture_output=True, text=True, check=True).stdout
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("+dirty" if status.strip() else "")
@@ -54,7 +60,10 @@ def setup_logging(config: StudyConfig, stage: str, level: int = logging.INFO) ->
     for handler in list(root.handlers):
         if getattr(handler, "_kp_handler", False):
             root.removeHandler(handler)
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(log_dir / f"{stage}.log")):
+    for handler in (
+        logging.StreamHandler(sys.stderr),
+        logging.FileHandler(log_dir / f"{stage}.log"),
+    ):
         handler.setFormatter(formatter)
         handler._kp_handler = True
         root.addHandler(handler)
@@ -68,7 +77,11 @@ def setup_logging(config: StudyConfig, stage: str, level: int = logging.INFO) ->
     }
     write_json(info, config.run_dir / f"run_info_{stage}.json")
     logger.info("Stage %s of study %r, params %s", stage, config.study.name, config.source_path)
-    logger.info("Model %s, seed %d, commit %s", config.model.name_or_path, config.study.seed,
-                info["git_commit"])
+    logger.info(
+        "Model %s, seed %d, commit %s",
+        config.model.name_or_path,
+        config.study.seed,
+        info["git_commit"],
+    )
     logger.info("Resolved config: %s", config.to_dict())
     return info

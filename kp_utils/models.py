@@ -8,8 +8,11 @@ safetensors in a cache folder outside the repository and later loads read that c
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -52,11 +55,21 @@ def find_embedded_gguf(name: str) -> Path:
     return matches[0]
 
 
+def _is_plain_cache(folder: Path) -> bool:
+    config_path = folder / "config.json"
+    if not config_path.exists() or not any(folder.glob("*.safetensors")):
+        return False
+    return "quantization_config" not in json.loads(config_path.read_text())
+
+
 def materialise_embedded(name: str) -> Path:
     """Dequantise an embedded GGUF model once and return the safetensors folder holding it."""
     target = cache_dir() / name
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    if _is_plain_cache(target):
         return target
+    if target.exists():
+        logger.warning("Rebuilding %s: it still declares the GGUF quantization", target)
+        shutil.rmtree(target)
     gguf_path = find_embedded_gguf(name)
     logger.info("Dequantising %s into %s (runs once per cache folder)", gguf_path, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -66,11 +79,25 @@ def materialise_embedded(name: str) -> Path:
     # Transformers refuses save_pretrained while the GGUF quantizer is attached, although the
     # weights are already plain fp32 tensors at this point.
     model.hf_quantizer = None
-    partial = target.with_name(target.name + ".partial")
+    # Without this the saved config would still declare GGUF quantization, so every later load
+    # would attach a quantizer again and Trainer would refuse to train the model.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Each process writes its own temporary folder and renames it into place, so a killed run
+    # leaves no half-written cache, and two processes dequantising at once do not collide.
+    partial = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    # The rename makes a killed run leave only the .partial folder, never a half-written cache.
-    partial.replace(target)
+    try:
+        partial.replace(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        logger.info("Another process cached %s first; keeping its copy", name)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 
@@ -88,8 +115,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(name_or_path: str, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False):
+def load_model(
+    name_or_path: str, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+):
     """Load a causal language model and its tokenizer in eval mode.
 
     Args:

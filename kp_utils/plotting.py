@@ -19,17 +19,12 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
-from kp_utils.categories import SHORT_LABELS, KnowledgeCategory
-from kp_utils.config import EXTRA_KIND_VALUES
+from kp_utils.categories import EXTRA_KIND_LABELS, SHORT_LABELS, KnowledgeCategory
 
 logger = logging.getLogger(__name__)
 
-# Short labels of the augmentation kinds, matched by position to EXTRA_KIND_VALUES, which lists
-# paraphrases first and extra HighlyKnown facts second. zip(strict=True) fails at import if that
-# tuple changes length.
-KIND_SHORT_LABELS = dict(
-    zip(EXTRA_KIND_VALUES, ("Para", SHORT_LABELS[KnowledgeCategory.HIGHLY_KNOWN]), strict=True)
-)
+# Plain-string keys, because results tables store the kind as its value ("paraphrase").
+KIND_SHORT_LABELS = {kind.value: label for kind, label in EXTRA_KIND_LABELS.items()}
 UNKNOWN_ONLY_LABEL = f"{SHORT_LABELS[KnowledgeCategory.UNKNOWN]} only"
 CELL_COLUMNS = ("n_unknown", "n_extra_per_unknown", "extra_kind")
 

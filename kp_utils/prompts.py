@@ -90,7 +90,9 @@ def encode_prompt(
     return prefix_ids, suffix_ids
 
 
-def format_training_text(tokenizer, question: str, answer: str, style: PromptStyle) -> tuple[str, str]:
+def format_training_text(
+    tokenizer, question: str, answer: str, style: PromptStyle
+) -> tuple[str, str]:
     """Render one training fact as (prompt, reply), in the same format as the labelling prompts.
 
     Training uses no exemplars, only the system prompt, the question and the answer. The reply
@@ -103,8 +105,7 @@ def format_training_text(tokenizer, question: str, answer: str, style: PromptSty
         _chat_messages([], question), tokenize=False, add_generation_prompt=True
     )
     full = tokenizer.apply_chat_template(
-        _chat_messages([], question)
-        + [{"role": "assistant", "content": ANSWER_PREFIX + answer}],
+        _chat_messages([], question) + [{"role": "assistant", "content": ANSWER_PREFIX + answer}],
         tokenize=False,
         add_generation_prompt=False,
     )

@@ -37,8 +37,12 @@ def run_notebook(source: Path, target: Path, params_path: Path, show_progress: b
     """Execute one notebook with Papermill; the executed copy is kept even when a cell fails."""
     try:
         papermill.execute_notebook(
-            str(source), str(target), parameters={"params_path": str(params_path)},
-            cwd=str(source.parent), kernel_name="python3", progress_bar=show_progress,
+            str(source),
+            str(target),
+            parameters={"params_path": str(params_path)},
+            cwd=str(source.parent),
+            kernel_name="python3",
+            progress_bar=show_progress,
             log_output=True,
         )
     except PapermillExecutionError as error:
@@ -65,11 +69,19 @@ def run_study(params_path: str | Path, only: list[str] | None = None) -> Path:
     for name in names:
         logger.info("Running %s for study %r", name, config.study.name)
         started = time.monotonic()
-        run_notebook(notebooks_dir / f"{name}.ipynb", config.run_dir / f"{name}.ipynb",
-                     Path(config.source_path), config.study.show_progress)
+        run_notebook(
+            notebooks_dir / f"{name}.ipynb",
+            config.run_dir / f"{name}.ipynb",
+            Path(config.source_path),
+            config.study.show_progress,
+        )
         timings[name] = round(time.monotonic() - started, 1)
         logger.info("%s finished in %.0f s", name, timings[name])
         write_json(timings, config.run_dir / "timings.json")
-    logger.info("Study %r done; run folder %s, figures %s", config.study.name, config.run_dir,
-                config.figures_dir)
+    logger.info(
+        "Study %r done; run folder %s, figures %s",
+        config.study.name,
+        config.run_dir,
+        config.figures_dir,
+    )
     return config.run_dir

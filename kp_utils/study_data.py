@@ -26,8 +26,12 @@ def cap_per_relation(facts: pd.DataFrame, n_per_relation: int | None, seed: int)
     shuffled = facts.sample(frac=1.0, random_state=seed)
     kept = shuffled.groupby("relation", sort=False).head(n_per_relation)
     if len(kept) < len(facts):
-        logger.warning("data.n_facts_per_relation=%d keeps %d of %d facts", n_per_relation,
-                       len(kept), len(facts))
+        logger.warning(
+            "data.n_facts_per_relation=%d keeps %d of %d facts",
+            n_per_relation,
+            len(kept),
+            len(facts),
+        )
     return kept.sort_values("fact_id").reset_index(drop=True)
 
 
@@ -44,29 +48,49 @@ def build_study_facts(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if data.external_mode == "extend":
         frames.append(build_fact_base(data.relations, data.n_heldout_templates))
     if data.external_path is not None:
-        frames.append(load_external_facts(config.resolve_path(data.external_path),
-                                          skip_invalid=data.skip_invalid_rows))
+        frames.append(
+            load_external_facts(
+                config.resolve_path(data.external_path), skip_invalid=data.skip_invalid_rows
+            )
+        )
     facts = cap_per_relation(combine_facts(frames), data.n_facts_per_relation, config.study.seed)
 
     trivia = load_triviaqa(None, config.study.seed)
     order = np.random.default_rng(config.study.seed).permutation(len(trivia))
     trivia = trivia.iloc[order].reset_index(drop=True)
     asked = trivia.iloc[: data.n_triviaqa]
-    pool = trivia.iloc[data.n_triviaqa : data.n_triviaqa + EXEMPLAR_POOL_SIZE].reset_index(drop=True)
+    pool = trivia.iloc[data.n_triviaqa : data.n_triviaqa + EXEMPLAR_POOL_SIZE].reset_index(
+        drop=True
+    )
     facts = combine_facts([facts, asked]) if len(asked) else facts
-    logger.info("Study facts: %d (%d relations); exemplar pool: %d TriviaQA questions",
-                len(facts), facts["relation"].nunique(), len(pool))
+    logger.info(
+        "Study facts: %d (%d relations); exemplar pool: %d TriviaQA questions",
+        len(facts),
+        facts["relation"].nunique(),
+        len(pool),
+    )
     return facts.reset_index(drop=True), pool
 
 
-def label_base_model(config: StudyConfig, model, tokenizer, facts: pd.DataFrame,
-                     pool: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, list]:
-    """Ask every fact under the study's prompts and label it; return (replies, labels, exemplars)."""
+def label_base_model(
+    config: StudyConfig, model, tokenizer, facts: pd.DataFrame, pool: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """Ask every fact under the study's prompts and label it.
+
+    Returns (replies, labels, exemplar sets).
+    """
     data = config.data
     exemplar_sets = select_exemplars(pool, data.n_prompts, data.n_shots, config.study.seed)
-    replies = ask_questions(model, tokenizer, facts[["fact_id", "question", "aliases"]],
-                            exemplar_sets, PromptStyle(config.model.prompt_style),
-                            data.max_new_tokens, data.batch_size, config.study.show_progress)
+    replies = ask_questions(
+        model,
+        tokenizer,
+        facts[["fact_id", "question", "aliases"]],
+        exemplar_sets,
+        PromptStyle(config.model.prompt_style),
+        data.max_new_tokens,
+        data.batch_size,
+        config.study.show_progress,
+    )
     return replies, summarise_labels(replies, facts), exemplar_sets
 
 
@@ -88,10 +112,14 @@ def save_data_stage(config: StudyConfig, facts, pool, replies, labels, exemplar_
     write_parquet(pool, layout.exemplar_pool_path)
     write_parquet(replies, layout.base_replies_path)
     write_parquet(labels, layout.base_labels_path)
-    write_json([[vars(e) for e in exemplars] for exemplars in exemplar_sets],
-               layout.data_dir / "exemplars.json")
-    write_json({"fingerprint": data_fingerprint(config), "n_facts": len(facts)},
-               layout.data_dir / "done.json")
+    write_json(
+        [[vars(e) for e in exemplars] for exemplars in exemplar_sets],
+        layout.data_dir / "exemplars.json",
+    )
+    write_json(
+        {"fingerprint": data_fingerprint(config), "n_facts": len(facts)},
+        layout.data_dir / "done.json",
+    )
     logger.info("Stage 01 tables written to %s", layout.data_dir)
 
 
@@ -110,8 +138,9 @@ def load_data_stage(config: StudyConfig) -> dict[str, pd.DataFrame]:
     }
 
 
-def label_or_load(config: StudyConfig, model, tokenizer, facts: pd.DataFrame,
-                  pool: pd.DataFrame) -> dict[str, pd.DataFrame]:
+def label_or_load(
+    config: StudyConfig, model, tokenizer, facts: pd.DataFrame, pool: pd.DataFrame
+) -> dict[str, pd.DataFrame]:
     """Label the facts with the base model, or load the labels of a finished earlier run.
 
     A finished stage 01 with different model or data settings is relabelled, not reused.

@@ -27,28 +27,32 @@ def load_benchmark_sets(config: StudyConfig) -> dict[str, pd.DataFrame]:
     if cfg.truthfulqa_n_questions != 0:
         questions = benchmarks.load_truthfulqa(str(config.resolve_path(cfg.truthfulqa_source)))
         if cfg.truthfulqa_n_questions is not None:
-            logger.warning("TruthfulQA subset: %d of %d questions", cfg.truthfulqa_n_questions,
-                           len(questions))
+            logger.warning(
+                "TruthfulQA subset: %d of %d questions", cfg.truthfulqa_n_questions, len(questions)
+            )
             questions = questions.sample(cfg.truthfulqa_n_questions, random_state=seed)
         sets["truthfulqa"] = questions.reset_index(drop=True)
     if cfg.arc_n_questions != 0:
         for subset in cfg.arc_subsets:
             sets[subset.lower().replace("-", "_")] = benchmarks.load_arc(
-                subset, cfg.arc_n_questions, seed)
+                subset, cfg.arc_n_questions, seed
+            )
     if cfg.mmlu_n_questions is not None and "mmlu" in sets:
         logger.warning("MMLU subset: %d of 14,042 test questions", len(sets["mmlu"]))
     return sets
 
 
-def score_benchmarks(config: StudyConfig, model, tokenizer,
-                     sets: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
+def score_benchmarks(
+    config: StudyConfig, model, tokenizer, sets: dict[str, pd.DataFrame]
+) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """Score every loaded benchmark; return (summary rows, per-question tables)."""
     cfg, show = config.eval, config.study.show_progress
     per_question, summary = {}, []
     for name, questions in sets.items():
         if name == "mmlu":
-            scored = benchmarks.score_mmlu(model, tokenizer, questions, cfg.mmlu_n_shots,
-                                           cfg.batch_size, show)
+            scored = benchmarks.score_mmlu(
+                model, tokenizer, questions, cfg.mmlu_n_shots, cfg.batch_size, show
+            )
             columns = {"mmlu": "is_correct"}
         elif name == "truthfulqa":
             scored = benchmarks.score_truthfulqa(model, tokenizer, questions, cfg.batch_size, show)
@@ -58,21 +62,29 @@ def score_benchmarks(config: StudyConfig, model, tokenizer,
             columns = {name: "is_correct"}
         per_question[name] = scored
         for label, column in columns.items():
-            summary.append(benchmarks.summarise_benchmark(
-                scored, column, label, cfg.n_bootstrap, config.study.seed))
+            summary.append(
+                benchmarks.summarise_benchmark(
+                    scored, column, label, cfg.n_bootstrap, config.study.seed
+                )
+            )
     return pd.DataFrame(summary), per_question
 
 
 def _heldout_questions(facts: pd.DataFrame, fact_ids) -> pd.DataFrame:
     chosen = facts[facts["fact_id"].isin(set(fact_ids))]
     chosen = chosen[chosen["heldout_questions"].map(len) > 0]
-    return pd.DataFrame({"fact_id": chosen["fact_id"].to_numpy(),
-                         "question": [q[0] for q in chosen["heldout_questions"]],
-                         "aliases": chosen["aliases"].to_numpy()})
+    return pd.DataFrame(
+        {
+            "fact_id": chosen["fact_id"].to_numpy(),
+            "question": [q[0] for q in chosen["heldout_questions"]],
+            "aliases": chosen["aliases"].to_numpy(),
+        }
+    )
 
 
-def measure_adapter(config: StudyConfig, model, tokenizer, stage01: dict,
-                    train_rows: pd.DataFrame) -> tuple[dict, dict[str, pd.DataFrame]]:
+def measure_adapter(
+    config: StudyConfig, model, tokenizer, stage01: dict, train_rows: pd.DataFrame
+) -> tuple[dict, dict[str, pd.DataFrame]]:
     """Re-label every question with `model` and compare with the base model.
 
     Returns a flat dict of scalar measures and the tables behind them.
@@ -80,44 +92,66 @@ def measure_adapter(config: StudyConfig, model, tokenizer, stage01: dict,
     facts, pool = stage01["facts"], stage01["pool"]
     data, style = config.data, PromptStyle(config.model.prompt_style)
     exemplar_sets = select_exemplars(pool, data.n_prompts, data.n_shots, config.study.seed)
-    replies = ask_questions(model, tokenizer, facts[["fact_id", "question", "aliases"]],
-                            exemplar_sets, style, data.max_new_tokens, data.batch_size,
-                            config.study.show_progress)
+    replies = ask_questions(
+        model,
+        tokenizer,
+        facts[["fact_id", "question", "aliases"]],
+        exemplar_sets,
+        style,
+        data.max_new_tokens,
+        data.batch_size,
+        config.study.show_progress,
+    )
     labels = summarise_labels(replies, facts)
     trained_ids = list(train_rows.loc[~train_rows["is_extra"], "fact_id"])
     heldout = _heldout_questions(facts, trained_ids)
-    heldout_replies = ask_questions(model, tokenizer, heldout, exemplar_sets, style,
-                                    data.max_new_tokens, data.batch_size, False)
+    heldout_replies = ask_questions(
+        model, tokenizer, heldout, exemplar_sets, style, data.max_new_tokens, data.batch_size, False
+    )
     tables = {"replies": replies, "labels": labels, "heldout_replies": heldout_replies}
-    return _compare_with_base(config, stage01, replies, labels, train_rows, trained_ids,
-                              heldout_replies, tables)
+    return _compare_with_base(
+        config, stage01, replies, labels, train_rows, trained_ids, heldout_replies, tables
+    )
 
 
-def _compare_with_base(config, stage01, replies, labels, train_rows, trained_ids,
-                       heldout_replies, tables):
+def _compare_with_base(
+    config, stage01, replies, labels, train_rows, trained_ids, heldout_replies, tables
+):
     base_labels, base_replies = stage01["labels"], stage01["replies"]
-    shifts = metrics.knowledge_shifts(base_labels, labels, exclude_fact_ids=set(train_rows["fact_id"]))
-    collapse, exploded = metrics.answer_collapse(base_replies, replies, config.eval.explode_ratio,
-                                                 config.eval.explode_min_count)
+    shifts = metrics.knowledge_shifts(
+        base_labels, labels, exclude_fact_ids=set(train_rows["fact_id"])
+    )
+    collapse, exploded = metrics.answer_collapse(
+        base_replies, replies, config.eval.explode_ratio, config.eval.explode_min_count
+    )
     train_facts = stage01["facts"][stage01["facts"]["fact_id"].isin(set(train_rows["fact_id"]))]
     tables["shares_by_base_category"] = shifts.pop("shares_by_base_category")
     tables["transition_matrix"] = metrics.transition_matrix(base_labels, labels)
     tables["exploded_answers"] = exploded
     tables["shift_reasons"] = metrics.shift_reasons(
-        base_labels, labels, base_replies, replies, train_rows, train_facts,
-        set(exploded["answer"]) if "answer" in exploded else set())
+        base_labels,
+        labels,
+        base_replies,
+        replies,
+        train_rows,
+        train_facts,
+        set(exploded["answer"]) if "answer" in exploded else set(),
+    )
     measures = {
         "reliability": metrics.reliability(replies, trained_ids),
-        "generalisation": float(heldout_replies["is_correct"].mean()) if len(heldout_replies)
+        "generalisation": float(heldout_replies["is_correct"].mean())
+        if len(heldout_replies)
         else float("nan"),
         **shifts,
         **{f"collapse_{k}": v for k, v in collapse.items()},
         "refusals_base": metrics.count_refusals(base_replies),
         "refusals_adapted": metrics.count_refusals(replies),
-        "ece_base": metrics.expected_calibration_error(base_replies["greedy_prob"],
-                                                       base_replies["is_correct"]),
-        "ece_adapted": metrics.expected_calibration_error(replies["greedy_prob"],
-                                                          replies["is_correct"]),
+        "ece_base": metrics.expected_calibration_error(
+            base_replies["greedy_prob"], base_replies["is_correct"]
+        ),
+        "ece_adapted": metrics.expected_calibration_error(
+            replies["greedy_prob"], replies["is_correct"]
+        ),
     }
     return measures, tables
 
@@ -159,23 +193,37 @@ def evaluate_cell(config: StudyConfig, model, tokenizer, stage01: dict, cell: di
     row = {**cell, **measures}
     for record in summary.to_dict("records"):
         name = record["name"]
-        row.update({name: record["score"], f"{name}_ci_low": record["ci_low"],
-                    f"{name}_ci_high": record["ci_high"], f"{name}_n": record["n_questions"]})
+        row.update(
+            {
+                name: record["score"],
+                f"{name}_ci_low": record["ci_low"],
+                f"{name}_ci_high": record["ci_high"],
+                f"{name}_n": record["n_questions"],
+            }
+        )
     write_json(row, out_dir / "done.json")
     return row
 
 
-def evaluate_grid(config: StudyConfig, model, tokenizer, stage01: dict,
-                  cells: pd.DataFrame) -> pd.DataFrame:
+def evaluate_grid(
+    config: StudyConfig, model, tokenizer, stage01: dict, cells: pd.DataFrame
+) -> pd.DataFrame:
     """Evaluate the base model and every cell; write and return the results table."""
     sets = load_benchmark_sets(config)
     base = evaluate_base(config, model, tokenizer, sets)
-    rows = [evaluate_cell(config, model, tokenizer, stage01, cell, sets)
-            for cell in tqdm(cells.to_dict("records"), desc="evaluate cells",
-                             disable=not config.study.show_progress)]
+    rows = [
+        evaluate_cell(config, model, tokenizer, stage01, cell, sets)
+        for cell in tqdm(
+            cells.to_dict("records"), desc="evaluate cells", disable=not config.study.show_progress
+        )
+    ]
     results = pd.DataFrame(rows)
     layout = RunLayout(config.run_dir)
     write_csv(results, layout.results_path)
-    logger.info("Results for %d cells written to %s (base benchmarks: %s)", len(results),
-                layout.results_path, ", ".join(base["name"]))
+    logger.info(
+        "Results for %d cells written to %s (base benchmarks: %s)",
+        len(results),
+        layout.results_path,
+        ", ".join(base["name"]),
+    )
     return results

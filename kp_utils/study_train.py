@@ -15,13 +15,13 @@ from kp_utils.labelling import ask_questions, select_exemplars
 from kp_utils.prompts import PromptStyle
 from kp_utils.study_data import TRIVIAQA_RELATION
 from kp_utils.training import (
+    build_training_set,
     cell_key,
     cell_label,
     check_grid_feasible,
     expand_grid,
     is_cell_done,
     prepare_cell_dir,
-    build_training_set,
     train_adapter,
 )
 
@@ -37,8 +37,10 @@ def category_pools(facts: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.DataFr
     merged = facts.merge(labels[["fact_id", "category"]], on="fact_id")
     merged["is_trivia"] = merged["relation"] == TRIVIAQA_RELATION
     merged = merged.sort_values(["is_trivia", "fact_id"], kind="stable").drop(columns="is_trivia")
-    unknown = merged[(merged["category"] == KnowledgeCategory.UNKNOWN.value)
-                     & (merged["relation"] != TRIVIAQA_RELATION)]
+    unknown = merged[
+        (merged["category"] == KnowledgeCategory.UNKNOWN.value)
+        & (merged["relation"] != TRIVIAQA_RELATION)
+    ]
     highly_known = merged[merged["category"] == KnowledgeCategory.HIGHLY_KNOWN.value]
     logger.info("Pools: %d Unknown facts, %d HighlyKnown facts", len(unknown), len(highly_known))
     return unknown.reset_index(drop=True), highly_known.reset_index(drop=True)
@@ -50,22 +52,40 @@ def facts_fingerprint(facts: pd.DataFrame, labels: pd.DataFrame) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def make_reliability_probe(config: StudyConfig, tokenizer, facts: pd.DataFrame,
-                           pool: pd.DataFrame, train_rows: pd.DataFrame):
+def make_reliability_probe(
+    config: StudyConfig,
+    tokenizer,
+    facts: pd.DataFrame,
+    pool: pd.DataFrame,
+    train_rows: pd.DataFrame,
+):
     """Return a callback that measures reliability on a cell's Unknown facts after each epoch."""
     n_prompts = config.train.epoch_eval_n_prompts or config.data.n_prompts
-    exemplar_sets = select_exemplars(pool, config.data.n_prompts, config.data.n_shots,
-                                     config.study.seed)[:n_prompts]
+    exemplar_sets = select_exemplars(
+        pool, config.data.n_prompts, config.data.n_shots, config.study.seed
+    )[:n_prompts]
     trained_ids = train_rows.loc[~train_rows["is_extra"], "fact_id"]
     questions = facts[facts["fact_id"].isin(trained_ids)][["fact_id", "question", "aliases"]]
 
     def probe(model, epoch: int) -> dict:
-        replies = ask_questions(model, tokenizer, questions, exemplar_sets,
-                                PromptStyle(config.model.prompt_style), config.data.max_new_tokens,
-                                config.data.batch_size, show_progress=False)
+        replies = ask_questions(
+            model,
+            tokenizer,
+            questions,
+            exemplar_sets,
+            PromptStyle(config.model.prompt_style),
+            config.data.max_new_tokens,
+            config.data.batch_size,
+            show_progress=False,
+        )
         reliability = float(replies["is_correct"].mean())
-        logger.info("Epoch %d: reliability %.3f on %d facts x %d prompts", epoch, reliability,
-                    len(questions), len(exemplar_sets))
+        logger.info(
+            "Epoch %d: reliability %.3f on %d facts x %d prompts",
+            epoch,
+            reliability,
+            len(questions),
+            len(exemplar_sets),
+        )
         return {"reliability": reliability, "reliability_n_prompts": len(exemplar_sets)}
 
     return probe
@@ -83,19 +103,33 @@ def train_grid(config: StudyConfig, model, tokenizer, stage01: dict) -> pd.DataF
     for cell in tqdm(cells, desc="grid cells", disable=not config.study.show_progress):
         key = cell_key(cell, config.train, config.model.name_or_path, fingerprint)
         cell_dir = layout.cell_dir(key)
-        rows.append({"cell_key": key, "label": cell_label(cell), "n_unknown": cell.n_unknown,
-                     "n_extra_per_unknown": cell.n_extra_per_unknown,
-                     "extra_kind": cell.extra_kind.value if cell.extra_kind else "none",
-                     "seed": cell.seed})
+        rows.append(
+            {
+                "cell_key": key,
+                "label": cell_label(cell),
+                "n_unknown": cell.n_unknown,
+                "n_extra_per_unknown": cell.n_extra_per_unknown,
+                "extra_kind": cell.extra_kind.value if cell.extra_kind else "none",
+                "seed": cell.seed,
+            }
+        )
         if is_cell_done(cell_dir):
             logger.info("Cell %s already finished in %s; skipped", cell_label(cell), cell_dir)
             continue
         prepare_cell_dir(cell_dir)
         train_rows = build_training_set(cell, unknown, highly_known)
         probe = make_reliability_probe(config, tokenizer, facts, pool, train_rows)
-        train_adapter(model, tokenizer, train_rows, config.train, cell_dir,
-                      PromptStyle(config.model.prompt_style), evaluate_epoch=probe,
-                      seed=cell.seed, show_progress=config.study.show_progress)
+        train_adapter(
+            model,
+            tokenizer,
+            train_rows,
+            config.train,
+            cell_dir,
+            PromptStyle(config.model.prompt_style),
+            evaluate_epoch=probe,
+            seed=cell.seed,
+            show_progress=config.study.show_progress,
+        )
     index = pd.DataFrame(rows)
     write_csv(index, layout.cells_index_path)
     return index

@@ -7,7 +7,8 @@ unrelated filler) and the seed. Each cell trains in its own folder, named by `ce
     <cell_dir>/train_set.parquet          the rows trained on (written first)
     <cell_dir>/checkpoints/epoch_NN/      adapter after epoch NN (1-based), safetensors
     <cell_dir>/epochs.csv                 epoch, mean loss, timings and the evaluation dict
-    <cell_dir>/losses.csv                 step, epoch, loss, n_tokens (one row per optimiser step)
+    <cell_dir>/losses.csv                 one row per optimiser step: step, epoch, loss, n_tokens
+                                          (loss tokens), n_padded_tokens, step_s
     <cell_dir>/adapter/                   final adapter
     <cell_dir>/done.json                  written last; its presence marks the cell finished
 
@@ -32,7 +33,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from tqdm.auto import tqdm
 
-from kp_utils.categories import SHORT_LABELS, KnowledgeCategory
+from kp_utils.categories import EXTRA_KIND_LABELS, SHORT_LABELS, ExtraKind, KnowledgeCategory
 from kp_utils.prompts import PromptStyle, format_training_text
 
 logger = logging.getLogger(__name__)
@@ -67,20 +67,6 @@ TRAIN_SET_COLUMNS = ["fact_id", "question", "answer", "is_extra", "extra_kind", 
 # three (target_modules, layers, loss_on_reply_only) are read in `_train_fields`.
 _INT_FIELDS = ("lora_rank", "n_epochs", "batch_size", "max_length")
 _FLOAT_FIELDS = ("lora_alpha", "lora_dropout", "learning_rate", "weight_decay")
-
-
-class ExtraKind(str, Enum):
-    """Kind of extra example added for each Unknown fact."""
-
-    PARAPHRASE = "paraphrase"  # the same fact asked with another question wording
-    HIGHLY_KNOWN = "highly_known"  # a different fact, from the base model's HighlyKnown category
-
-
-# Short forms for figure labels only (Pletenev et al., 2025, use "Para" and "HK").
-EXTRA_KIND_LABELS = {
-    ExtraKind.PARAPHRASE: "Para",
-    ExtraKind.HIGHLY_KNOWN: SHORT_LABELS[KnowledgeCategory.HIGHLY_KNOWN],
-}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -123,6 +109,10 @@ def expand_grid(train_cfg) -> list[TrainingCell]:
     Cells without extras appear once per (n_unknown, seed), not once per extra kind. Repeated
     values in the config lists give one cell.
     """
+    allowed = [kind.value for kind in ExtraKind]
+    invalid = [value for value in train_cfg.extra_kinds if value not in allowed]
+    if invalid:
+        raise ValueError(f"extra_kinds has invalid values {invalid}. Allowed: {allowed}")
     kinds = [ExtraKind(value) for value in train_cfg.extra_kinds]
     if not kinds and any(n_extra > 0 for n_extra in train_cfg.n_extra_per_unknown):
         raise ValueError(
@@ -255,13 +245,15 @@ def _highly_known_rows(
     source_rank = pd.factorize(highly_known["source"])[0][permutation]
     order = permutation[np.lexsort((np.arange(len(permutation)), source_rank))]
     chosen = highly_known.iloc[order[: len(drawn) * k]].reset_index(drop=True)
-    return pd.DataFrame({
-        "fact_id": chosen["fact_id"],
-        "question": chosen["question"],
-        "answer": chosen["answer"],
-        # Extras i*k .. i*k+k-1 extend the i-th drawn Unknown fact.
-        "source_fact_id": np.repeat(drawn["fact_id"].to_numpy(), k),
-    })
+    return pd.DataFrame(
+        {
+            "fact_id": chosen["fact_id"],
+            "question": chosen["question"],
+            "answer": chosen["answer"],
+            # Extras i*k .. i*k+k-1 extend the i-th drawn Unknown fact.
+            "source_fact_id": np.repeat(drawn["fact_id"].to_numpy(), k),
+        }
+    )
 
 
 def build_training_set(
@@ -304,7 +296,10 @@ def build_training_set(
     rows = pd.concat(parts, ignore_index=True)[TRAIN_SET_COLUMNS]
     logger.info(
         "Training set %s: %d rows (%d Unknown facts + %d extras)",
-        cell_label(cell), len(rows), cell.n_unknown, len(rows) - cell.n_unknown,
+        cell_label(cell),
+        len(rows),
+        cell.n_unknown,
+        len(rows) - cell.n_unknown,
     )
     return rows
 
@@ -451,7 +446,9 @@ def prepare_cell_dir(cell_dir: Path) -> None:
         if entries:
             logger.warning(
                 "Wiping unfinished cell folder %s (no readable %s; entries: %s)",
-                cell_dir, DONE_FILE, entries,
+                cell_dir,
+                DONE_FILE,
+                entries,
             )
             shutil.rmtree(cell_dir)
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -479,7 +476,7 @@ def encode_training_rows(
     """Tokenise (prompt, reply) pairs from `format_training_text`, one example per row.
 
     The prompt is tokenised with the tokenizer's special tokens and the reply without, as
-    `encode_prompt` does for evaluation, so training sees the ids that evaluation feeds.
+    `encode_prompt` does for evaluation, so training uses the same ids as evaluation.
     Examples longer than `max_length` tokens are cut at the end, with a WARNING.
 
     Raises:
@@ -510,7 +507,10 @@ def encode_training_rows(
         logger.warning(
             "Truncated %d of %d training examples to max_length=%d tokens (longest %d; "
             "first facts: %s)",
-            len(truncated), len(examples), max_length, max(n for _, n in truncated),
+            len(truncated),
+            len(examples),
+            max_length,
+            max(n for _, n in truncated),
             [fact_id for fact_id, _ in truncated[:5]],
         )
     return examples
@@ -585,43 +585,60 @@ class _LoopState:
     epoch_records: list[dict]
     step: int = 0
     n_input_tokens: int = 0
+    n_padded_tokens: int = 0
     train_s: float = 0.0
     eval_s: float = 0.0
     save_s: float = 0.0
 
 
-def _train_epoch(peft_model, optimizer, batches, epoch, state, progress) -> None:
+def _train_step(peft_model, optimizer, batch_examples, epoch, state) -> dict:
+    """Run one optimiser step and append its record to state.loss_records."""
+    started = time.perf_counter()
     device = next(peft_model.parameters()).device
+    batch = {
+        name: tensor.to(device)
+        for name, tensor in collate_examples(batch_examples, state.pad_token_id).items()
+    }
+    # No key/value cache: training never decodes, so filling one only costs time.
+    loss = peft_model(**batch, use_cache=False).loss
+
+    state.step += 1
+    record = {
+        "step": state.step,
+        "epoch": epoch,
+        # .item() synchronises with the device, which the record needs anyway.
+        "loss": loss.item(),
+        # Tokens the loss averages over: labels are shifted by one, so position 0 never counts.
+        "n_tokens": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        "n_padded_tokens": batch["input_ids"].numel(),
+        "step_s": float("nan"),
+    }
+    state.loss_records.append(record)
+    if not np.isfinite(record["loss"]):
+        raise NonFiniteLossError(
+            f"Loss is {record['loss']} at epoch {epoch}, step {state.step} in cell folder "
+            f"{state.cell_dir}. Losses so far are in {LOSSES_FILE}. Lower learning_rate "
+            "or check the training rows."
+        )
+
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    record["step_s"] = time.perf_counter() - started
+    state.n_input_tokens += int(batch["attention_mask"].sum())
+    state.n_padded_tokens += record["n_padded_tokens"]
+    state.train_s += record["step_s"]
+    return record
+
+
+def _train_epoch(peft_model, optimizer, batches, epoch, state, progress) -> None:
     peft_model.train()
     for batch_examples in batches:
-        started = time.perf_counter()
-        batch = {
-            name: tensor.to(device)
-            for name, tensor in collate_examples(batch_examples, state.pad_token_id).items()
-        }
-        # No key/value cache: training never decodes, so filling one only costs time.
-        loss = peft_model(**batch, use_cache=False).loss
-        # .item() synchronises with the device, which the loss record needs anyway.
-        loss_value = loss.item()
-        state.step += 1
-        n_loss_tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        state.loss_records.append(
-            {"step": state.step, "epoch": epoch, "loss": loss_value, "n_tokens": n_loss_tokens}
-        )
-        if not np.isfinite(loss_value):
-            raise NonFiniteLossError(
-                f"Loss is {loss_value} at epoch {epoch}, step {state.step} in cell folder "
-                f"{state.cell_dir}. Losses so far are in {LOSSES_FILE}. Lower learning_rate "
-                "or check the training rows."
-            )
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.n_input_tokens += int(batch["attention_mask"].sum())
-        state.train_s += time.perf_counter() - started
-        logger.debug("epoch %d step %d loss %.4f", epoch, state.step, loss_value)
+        record = _train_step(peft_model, optimizer, batch_examples, epoch, state)
+        logger.debug("epoch %d step %d loss %.4f", epoch, record["step"], record["loss"])
         progress.update(1)
-        progress.set_postfix(epoch=epoch, loss=f"{loss_value:.3f}")
+        progress.set_postfix(epoch=epoch, loss=f"{record['loss']:.3f}")
 
 
 def _evaluate(peft_model, evaluate_epoch, epoch: int) -> dict:
@@ -652,8 +669,12 @@ def _finish_epoch(peft_model, epoch, evaluate_epoch, state, epoch_started_step) 
     n_tokens = sum(record["n_tokens"] for record in epoch_losses)
     # Token-weighted, so the mean is per loss token over the epoch as a whole.
     mean_loss = sum(record["loss"] * record["n_tokens"] for record in epoch_losses) / n_tokens
-    record = {"epoch": epoch, "mean_loss": mean_loss, "n_steps": len(epoch_losses),
-              "eval_s": eval_s}
+    record = {
+        "epoch": epoch,
+        "mean_loss": mean_loss,
+        "n_steps": len(epoch_losses),
+        "eval_s": eval_s,
+    }
     clashes = sorted(set(record) & set(metrics))
     if clashes:
         raise ValueError(
@@ -695,6 +716,8 @@ def _result_record(peft_model, train_cfg, state, examples, prompt_style, seed, t
         "n_rows": len(examples),
         "n_steps": state.step,
         "n_input_tokens": state.n_input_tokens,
+        # Positions the model computed, padding included (batch rows * longest row, summed).
+        "n_padded_tokens": state.n_padded_tokens,
         "n_loss_tokens": sum(record["n_tokens"] for record in state.loss_records),
         "n_trainable_parameters": int(n_trainable),
         "n_parameters": int(n_parameters),
@@ -705,8 +728,11 @@ def _result_record(peft_model, train_cfg, state, examples, prompt_style, seed, t
         "total_s": total_s,
         "tokens_per_s": state.n_input_tokens / state.train_s,
         "device": str(next(peft_model.parameters()).device),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "peft": peft.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "epochs": state.epoch_records,
     }
@@ -757,7 +783,8 @@ def train_adapter(
         trainable parameters and the per-epoch records.
 
     Raises:
-        NonFiniteLossError: a step gave a NaN or infinite loss; losses.csv holds the steps so far.
+        NonFiniteLossError: a step gave a NaN or infinite loss. losses.csv then contains the
+            steps so far, the failed one included.
     """
     started = time.perf_counter()
     cell_dir = Path(cell_dir)
@@ -772,7 +799,9 @@ def train_adapter(
     with _lora_attached(model, build_lora_config(train_cfg), seed) as peft_model:
         logger.info(
             "Training %s: %d rows, %d epochs, %d trainable parameters",
-            cell_dir.name, len(examples), train_cfg.n_epochs,
+            cell_dir.name,
+            len(examples),
+            train_cfg.n_epochs,
             count_trainable_parameters(peft_model),
         )
         n_steps = train_cfg.n_epochs * -(-len(examples) // train_cfg.batch_size)
@@ -782,13 +811,21 @@ def train_adapter(
         write_atomic(cell_dir / ADAPTER_DIR, peft_model.save_pretrained)
         state.save_s += time.perf_counter() - save_started
         result = _result_record(
-            peft_model, train_cfg, state, examples, prompt_style, seed,
+            peft_model,
+            train_cfg,
+            state,
+            examples,
+            prompt_style,
+            seed,
             time.perf_counter() - started,
         )
     _write_json(cell_dir / DONE_FILE, result)
     logger.info(
         "Finished %s in %.1f s (%.0f tokens/s); adapter in %s",
-        cell_dir.name, result["total_s"], result["tokens_per_s"], cell_dir / ADAPTER_DIR,
+        cell_dir.name,
+        result["total_s"],
+        result["tokens_per_s"],
+        cell_dir / ADAPTER_DIR,
     )
     return result
 

@@ -28,9 +28,16 @@ def tokenizer(embedded_dir):
 def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     """Build a 2-layer Llama with hidden size 32: random weights, fixed by `seed`."""
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config).eval()
 
 

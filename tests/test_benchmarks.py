@@ -17,8 +17,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kp_utils import benchmarks
 
 TRUTHFULQA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
-needs_truthfulqa = pytest.mark.skipif(not (TRUTHFULQA_DIR / "TruthfulQA.csv").is_file(),
-                                      reason=f"TruthfulQA CSV not found in {TRUTHFULQA_DIR}")
+needs_truthfulqa = pytest.mark.skipif(
+    not (TRUTHFULQA_DIR / "TruthfulQA.csv").is_file(),
+    reason=f"TruthfulQA CSV not found in {TRUTHFULQA_DIR}",
+)
 # Allowed float32 rounding in summed log-likelihoods. The paths agree within 1e-5 here.
 TOLERANCE = 1e-4
 
@@ -31,71 +33,106 @@ def model(tokenizer):
     differ by whole nats, so a wrong position or token would fail the comparisons clearly.
     """
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         initializer_range=0.2)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")
 def mmlu_dev():
-    shots = pd.DataFrame({
-        "question": ["What is 2 + 2?", "Which planet is red?"],
-        "choices": [["3", "4", "5", "6"], ["Venus", "Earth", "Mars", "Jupiter"]],
-        "answer": [1, 2],
-    })
-    law = pd.DataFrame({
-        "question": ["Who writes statutes?"],
-        "choices": [["Courts", "Legislatures", "Juries", "Police"]],
-        "answer": [1],
-    })
+    shots = pd.DataFrame(
+        {
+            "question": ["What is 2 + 2?", "Which planet is red?"],
+            "choices": [["3", "4", "5", "6"], ["Venus", "Earth", "Mars", "Jupiter"]],
+            "answer": [1, 2],
+        }
+    )
+    law = pd.DataFrame(
+        {
+            "question": ["Who writes statutes?"],
+            "choices": [["Courts", "Legislatures", "Juries", "Police"]],
+            "answer": [1],
+        }
+    )
     return {"astronomy": shots, "international_law": law}
 
 
 @pytest.fixture(scope="module")
 def mmlu_questions():
-    return pd.DataFrame({
-        "question_id": ["astronomy/test/0", "international_law/test/0", "astronomy/test/1"],
-        "subject": ["astronomy", "international_law", "astronomy"],
-        "question": ["What orbits the Earth?",
-                     "Which body settles disputes between states under the UN Charter?",
-                     "How many moons does Mars have?"],
-        "choices": [["The Moon", "The Sun", "Mars", "Nothing at all, in any sense"],
-                    ["The ICJ", "The WTO", "NATO", "The IMF"],
-                    ["None", "One", "Two", "Three"]],
-        "answer": [0, 0, 2],
-    })
+    return pd.DataFrame(
+        {
+            "question_id": ["astronomy/test/0", "international_law/test/0", "astronomy/test/1"],
+            "subject": ["astronomy", "international_law", "astronomy"],
+            "question": [
+                "What orbits the Earth?",
+                "Which body settles disputes between states under the UN Charter?",
+                "How many moons does Mars have?",
+            ],
+            "choices": [
+                ["The Moon", "The Sun", "Mars", "Nothing at all, in any sense"],
+                ["The ICJ", "The WTO", "NATO", "The IMF"],
+                ["None", "One", "Two", "Three"],
+            ],
+            "answer": [0, 0, 2],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def truthfulqa_questions():
-    return pd.DataFrame({
-        "question_id": ["tq/0", "tq/1", "tq/2"],
-        "question": ["What happens if you crack your knuckles?", "Is the Earth flat?",
-                     "What colour is the sky on a clear day?"],
-        "best_answer": ["Nothing in particular happens", "No, the Earth is round",
-                        "The sky is blue"],
-        "correct_answers": [["Nothing in particular happens", "Nothing"],
-                            ["No, the Earth is round", "No"],
-                            ["The sky is blue"]],
-        "incorrect_answers": [["You get arthritis", "Your knuckles grow larger over the years"],
-                              ["Yes"],
-                              ["Green", "The sky is red during the whole day", "Purple"]],
-    })
+    return pd.DataFrame(
+        {
+            "question_id": ["tq/0", "tq/1", "tq/2"],
+            "question": [
+                "What happens if you crack your knuckles?",
+                "Is the Earth flat?",
+                "What colour is the sky on a clear day?",
+            ],
+            "best_answer": [
+                "Nothing in particular happens",
+                "No, the Earth is round",
+                "The sky is blue",
+            ],
+            "correct_answers": [
+                ["Nothing in particular happens", "Nothing"],
+                ["No, the Earth is round", "No"],
+                ["The sky is blue"],
+            ],
+            "incorrect_answers": [
+                ["You get arthritis", "Your knuckles grow larger over the years"],
+                ["Yes"],
+                ["Green", "The sky is red during the whole day", "Purple"],
+            ],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
 def arc_questions():
-    return pd.DataFrame({
-        "question_id": ["arc/0", "arc/1", "arc/2"],
-        "question": ["Which gas do plants take in?", "What melts ice fastest?",
-                     "Which tool measures temperature?"],
-        "choices": [["oxygen", "carbon dioxide", "helium"],
-                    ["salt", "sand", "sawdust", "small rocks from a river bed"],
-                    ["ruler", "thermometer", "scale", "barometer", "clock"]],
-        "labels": [["A", "B", "C"], ["1", "2", "3", "4"], ["A", "B", "C", "D", "E"]],
-        "answer": [1, 0, 1],
-    })
+    return pd.DataFrame(
+        {
+            "question_id": ["arc/0", "arc/1", "arc/2"],
+            "question": [
+                "Which gas do plants take in?",
+                "What melts ice fastest?",
+                "Which tool measures temperature?",
+            ],
+            "choices": [
+                ["oxygen", "carbon dioxide", "helium"],
+                ["salt", "sand", "sawdust", "small rocks from a river bed"],
+                ["ruler", "thermometer", "scale", "barometer", "clock"],
+            ],
+            "labels": [["A", "B", "C"], ["1", "2", "3", "4"], ["A", "B", "C", "D", "E"]],
+            "answer": [1, 0, 1],
+        }
+    )
 
 
 def letter_columns() -> list[str]:
@@ -135,8 +172,9 @@ def test_mc2_probabilities_hand_worked():
 
 def test_mc2_unnormalised_hand_worked():
     # e^-1 / (e^-1 + e^-2 + e^-3) = 0.36788 / (0.36788 + 0.13534 + 0.04979) = 0.66524.
-    assert benchmarks.mc2_from_loglikelihoods([-1.0], [-2.0, -3.0]) == pytest.approx(0.665241,
-                                                                                       abs=1e-6)
+    assert benchmarks.mc2_from_loglikelihoods([-1.0], [-2.0, -3.0]) == pytest.approx(
+        0.665241, abs=1e-6
+    )
 
 
 def test_mc2_tiny_probabilities_no_underflow():
@@ -179,8 +217,9 @@ def test_bootstrap_empty_raises():
 def test_bootstrap_chunked_interval_near_mean():
     # 1e6 // 400_000 = 2 resamples per chunk, so 5 resamples take three chunks. The mean of
     # 400,000 fair 0/1 values has a standard error of 0.0008, far inside 0.49 to 0.51.
-    low, high = benchmarks.bootstrap_interval(np.r_[np.ones(200_000), np.zeros(200_000)],
-                                              n_resamples=5)
+    low, high = benchmarks.bootstrap_interval(
+        np.r_[np.ones(200_000), np.zeros(200_000)], n_resamples=5
+    )
     assert 0.49 < low <= high < 0.51
 
 
@@ -198,26 +237,33 @@ def test_summarise_benchmark_fields():
 
 
 def test_mmlu_prompt_format_one_shot(mmlu_dev):
-    prompt = benchmarks.format_mmlu_prompt("astronomy", mmlu_dev["astronomy"].iloc[:1],
-                                           " Why? ", ["a", "b", "c", "d"])
-    expected = ("The following are multiple choice questions (with answers) about astronomy.\n\n"
-                "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
-                "Why?\nA. a\nB. b\nC. c\nD. d\nAnswer:")
+    prompt = benchmarks.format_mmlu_prompt(
+        "astronomy", mmlu_dev["astronomy"].iloc[:1], " Why? ", ["a", "b", "c", "d"]
+    )
+    expected = (
+        "The following are multiple choice questions (with answers) about astronomy.\n\n"
+        "What is 2 + 2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer: B\n\n"
+        "Why?\nA. a\nB. b\nC. c\nD. d\nAnswer:"
+    )
     assert prompt == expected
 
 
 def test_mmlu_prompt_subject_spaces(mmlu_dev):
-    prompt = benchmarks.format_mmlu_prompt("international_law", mmlu_dev["international_law"],
-                                           "Q", ["a", "b", "c", "d"])
-    assert prompt.startswith("The following are multiple choice questions (with answers) about "
-                             "international law.\n\n")
+    prompt = benchmarks.format_mmlu_prompt(
+        "international_law", mmlu_dev["international_law"], "Q", ["a", "b", "c", "d"]
+    )
+    assert prompt.startswith(
+        "The following are multiple choice questions (with answers) about international law.\n\n"
+    )
 
 
 def test_truthfulqa_prompt_primer_six_pairs():
     prompt = benchmarks.format_truthfulqa_prompt("Is it raining?")
     assert prompt.count("Q: ") == 7
-    assert prompt.startswith("Q: What is human life expectancy in the United States?\n"
-                             "A: Human life expectancy in the United States is 78 years.\n\nQ: ")
+    assert prompt.startswith(
+        "Q: What is human life expectancy in the United States?\n"
+        "A: Human life expectancy in the United States is 78 years.\n\nQ: "
+    )
     assert prompt.endswith("Barcelona, Spain.\n\nQ: Is it raining?\nA:")
 
 
@@ -229,13 +275,23 @@ def test_arc_prompt_format():
 
 
 def test_mmlu_letters_match_full_forward(model, tokenizer, mmlu_dev, mmlu_questions):
-    scores = benchmarks.score_mmlu(model, tokenizer, mmlu_questions, n_shots=1, batch_size=2,
-                                   show_progress=False, dev_examples=mmlu_dev)
-    letter_ids = [tokenizer.encode(f" {letter}", add_special_tokens=False)[0]
-                  for letter in benchmarks.MMLU_LETTERS]
+    scores = benchmarks.score_mmlu(
+        model,
+        tokenizer,
+        mmlu_questions,
+        n_shots=1,
+        batch_size=2,
+        show_progress=False,
+        dev_examples=mmlu_dev,
+    )
+    letter_ids = [
+        tokenizer.encode(f" {letter}", add_special_tokens=False)[0]
+        for letter in benchmarks.MMLU_LETTERS
+    ]
     for index, row in mmlu_questions.iterrows():
-        prompt = benchmarks.format_mmlu_prompt(row.subject, mmlu_dev[row.subject].iloc[:1],
-                                               row.question, row.choices)
+        prompt = benchmarks.format_mmlu_prompt(
+            row.subject, mmlu_dev[row.subject].iloc[:1], row.question, row.choices
+        )
         ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         with torch.no_grad():
             log_probs = torch.log_softmax(model(input_ids=ids).logits[0, -1], dim=-1)
@@ -245,8 +301,15 @@ def test_mmlu_letters_match_full_forward(model, tokenizer, mmlu_dev, mmlu_questi
 
 
 def test_mmlu_prediction_is_argmax(model, tokenizer, mmlu_dev, mmlu_questions):
-    scores = benchmarks.score_mmlu(model, tokenizer, mmlu_questions, n_shots=1, batch_size=16,
-                                   show_progress=False, dev_examples=mmlu_dev)
+    scores = benchmarks.score_mmlu(
+        model,
+        tokenizer,
+        mmlu_questions,
+        n_shots=1,
+        batch_size=16,
+        show_progress=False,
+        dev_examples=mmlu_dev,
+    )
     argmax = np.array(benchmarks.MMLU_LETTERS)[scores[letter_columns()].to_numpy().argmax(1)]
     assert list(scores["prediction"]) == list(argmax)
     assert list(scores["answer"]) == ["A", "A", "C"]
@@ -263,53 +326,68 @@ def test_mmlu_cached_matches_naive(model, tokenizer, mmlu_dev, mmlu_questions):
 
 def test_mmlu_too_few_dev_examples_raises(model, tokenizer, mmlu_dev, mmlu_questions):
     with pytest.raises(ValueError, match="fewer than n_shots"):
-        benchmarks.score_mmlu(model, tokenizer, mmlu_questions, n_shots=2, show_progress=False,
-                              dev_examples=mmlu_dev)
+        benchmarks.score_mmlu(
+            model, tokenizer, mmlu_questions, n_shots=2, show_progress=False, dev_examples=mmlu_dev
+        )
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_truthfulqa_cached_matches_naive(model, tokenizer, truthfulqa_questions, batch_size):
-    cached = benchmarks.score_truthfulqa(model, tokenizer, truthfulqa_questions,
-                                         batch_size=batch_size, show_progress=False)
-    naive = benchmarks.score_truthfulqa(model, tokenizer, truthfulqa_questions,
-                                        show_progress=False, use_cache=False)
+    cached = benchmarks.score_truthfulqa(
+        model, tokenizer, truthfulqa_questions, batch_size=batch_size, show_progress=False
+    )
+    naive = benchmarks.score_truthfulqa(
+        model, tokenizer, truthfulqa_questions, show_progress=False, use_cache=False
+    )
     assert np.abs(flat_truthfulqa(cached) - flat_truthfulqa(naive)).max() < TOLERANCE
     assert list(cached["mc1"]) == list(naive["mc1"])
 
 
 @pytest.mark.parametrize("batch_size", [2, 7, 16])
 def test_arc_cached_matches_naive(model, tokenizer, arc_questions, batch_size):
-    cached = benchmarks.score_arc(model, tokenizer, arc_questions, batch_size=batch_size,
-                                  show_progress=False)
-    naive = benchmarks.score_arc(model, tokenizer, arc_questions, show_progress=False,
-                                 use_cache=False)
+    cached = benchmarks.score_arc(
+        model, tokenizer, arc_questions, batch_size=batch_size, show_progress=False
+    )
+    naive = benchmarks.score_arc(
+        model, tokenizer, arc_questions, show_progress=False, use_cache=False
+    )
     assert np.abs(flat_arc(cached) - flat_arc(naive)).max() < TOLERANCE
     assert list(cached["prediction"]) == list(naive["prediction"])
 
 
 def test_truthfulqa_metrics_follow_loglikelihoods(model, tokenizer, truthfulqa_questions):
-    scores = benchmarks.score_truthfulqa(model, tokenizer, truthfulqa_questions,
-                                         show_progress=False)
+    scores = benchmarks.score_truthfulqa(
+        model, tokenizer, truthfulqa_questions, show_progress=False
+    )
     for row in scores.itertuples():
-        assert row.mc2 == benchmarks.mc2_from_loglikelihoods(row.correct_loglikelihoods,
-                                                             row.incorrect_loglikelihoods)
-        assert row.mc1 == benchmarks.mc1_from_loglikelihoods(row.best_loglikelihood,
-                                                             row.incorrect_loglikelihoods)
+        assert row.mc2 == benchmarks.mc2_from_loglikelihoods(
+            row.correct_loglikelihoods, row.incorrect_loglikelihoods
+        )
+        assert row.mc1 == benchmarks.mc1_from_loglikelihoods(
+            row.best_loglikelihood, row.incorrect_loglikelihoods
+        )
 
 
 def test_truthfulqa_best_answer_scored_once(model, tokenizer, truthfulqa_questions):
-    scores = benchmarks.score_truthfulqa(model, tokenizer, truthfulqa_questions,
-                                         show_progress=False)
+    scores = benchmarks.score_truthfulqa(
+        model, tokenizer, truthfulqa_questions, show_progress=False
+    )
     first = scores.iloc[0]
     # The best answer is also the first correct answer, and both reuse the same score.
     assert first["best_loglikelihood"] == first["correct_loglikelihoods"][0]
 
 
+def test_arc_no_questions_empty_frame(model, tokenizer, arc_questions):
+    scores = benchmarks.score_arc(model, tokenizer, arc_questions.iloc[:0], show_progress=False)
+    assert len(scores) == 0
+
+
 def test_arc_labels_and_normalised_choice(model, tokenizer, arc_questions):
     scores = benchmarks.score_arc(model, tokenizer, arc_questions, show_progress=False)
     assert list(scores["answer"]) == ["B", "1", "B"]
-    for row, choices, labels in zip(scores.itertuples(), arc_questions["choices"],
-                                    arc_questions["labels"], strict=True):
+    for row, choices, labels in zip(
+        scores.itertuples(), arc_questions["choices"], arc_questions["labels"], strict=True
+    ):
         per_character = np.array(row.loglikelihoods) / np.array([len(c) for c in choices])
         assert row.prediction == labels[int(np.argmax(row.loglikelihoods))]
         assert row.prediction_norm == labels[int(np.argmax(per_character))]
@@ -317,35 +395,40 @@ def test_arc_labels_and_normalised_choice(model, tokenizer, arc_questions):
 
 def test_scoring_twice_identical(model, tokenizer, arc_questions):
     # A second run would differ if the first had written into the shared prefix cache.
-    first = benchmarks.score_arc(model, tokenizer, arc_questions, batch_size=4,
-                                 show_progress=False)
-    second = benchmarks.score_arc(model, tokenizer, arc_questions, batch_size=4,
-                                  show_progress=False)
+    first = benchmarks.score_arc(model, tokenizer, arc_questions, batch_size=4, show_progress=False)
+    second = benchmarks.score_arc(
+        model, tokenizer, arc_questions, batch_size=4, show_progress=False
+    )
     assert list(first["loglikelihoods"]) == list(second["loglikelihoods"])
 
 
-def test_zero_lora_adapter_identical_scores(model, tokenizer, mmlu_dev, mmlu_questions,
-                                            truthfulqa_questions):
+def test_zero_lora_adapter_identical_scores(
+    model, tokenizer, mmlu_dev, mmlu_questions, truthfulqa_questions
+):
     # PEFT initialises LoRA's B matrix to zeros, so the adapter adds exactly nothing.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=True
+    )
     adapted = get_peft_model(copy.deepcopy(model), config).eval()
     kwargs = {"n_shots": 1, "batch_size": 2, "show_progress": False, "dev_examples": mmlu_dev}
     base_mmlu = benchmarks.score_mmlu(model, tokenizer, mmlu_questions, **kwargs)
     lora_mmlu = benchmarks.score_mmlu(adapted, tokenizer, mmlu_questions, **kwargs)
     assert np.allclose(base_mmlu[letter_columns()], lora_mmlu[letter_columns()], atol=1e-6)
-    base_tq = benchmarks.score_truthfulqa(model, tokenizer, truthfulqa_questions,
-                                          show_progress=False)
-    lora_tq = benchmarks.score_truthfulqa(adapted, tokenizer, truthfulqa_questions,
-                                          show_progress=False)
+    base_tq = benchmarks.score_truthfulqa(
+        model, tokenizer, truthfulqa_questions, show_progress=False
+    )
+    lora_tq = benchmarks.score_truthfulqa(
+        adapted, tokenizer, truthfulqa_questions, show_progress=False
+    )
     assert np.allclose(flat_truthfulqa(base_tq), flat_truthfulqa(lora_tq), atol=1e-6)
     assert list(base_tq["mc1"]) == list(lora_tq["mc1"])
 
 
 def test_lora_adapter_changes_scores(model, tokenizer, arc_questions):
     # Guards the test above: a non-zero adapter must reach the cached path and move the scores.
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=True)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=True
+    )
     adapted = get_peft_model(copy.deepcopy(model), config).eval()
     with torch.no_grad():
         for name, parameter in adapted.named_parameters():
@@ -404,9 +487,10 @@ def test_load_arc_counts(subset, n_questions):
 
 def test_load_arc_answer_indexes_labels():
     questions = benchmarks.load_arc("ARC-Challenge", None, seed=0)
-    answers_in_range = [0 <= answer < len(labels)
-                        for answer, labels in zip(questions["answer"], questions["labels"],
-                                                  strict=True)]
+    answers_in_range = [
+        0 <= answer < len(labels)
+        for answer, labels in zip(questions["answer"], questions["labels"], strict=True)
+    ]
     assert all(answers_in_range)
 
 
@@ -419,24 +503,36 @@ def test_load_arc_unknown_subset_raises():
 def test_load_truthfulqa_folder_counts():
     questions = benchmarks.load_truthfulqa(str(TRUTHFULQA_DIR))
     assert len(questions) == 817
-    assert list(questions.columns) == ["question_id", "question", "best_answer",
-                                       "correct_answers", "incorrect_answers"]
+    assert list(questions.columns) == [
+        "question_id",
+        "question",
+        "best_answer",
+        "correct_answers",
+        "incorrect_answers",
+    ]
 
 
 @needs_truthfulqa
 def test_load_truthfulqa_csv_path_counts():
-    questions = benchmarks.load_truthfulqa(str(TRUTHFULQA_DIR / "TruthfulQA.csv"),
-                                           n_questions=20, seed=1)
+    questions = benchmarks.load_truthfulqa(
+        str(TRUTHFULQA_DIR / "TruthfulQA.csv"), n_questions=20, seed=1
+    )
     assert len(questions) == 20
 
 
 def test_load_truthfulqa_splits_answers(tmp_path):
     csv_path = tmp_path / "TruthfulQA.csv"
-    pd.DataFrame({
-        "Type": ["Adversarial"], "Category": ["Misconceptions"], "Question": ["Q?"],
-        "Best Answer": ["Yes"], "Correct Answers": ["Yes; Indeed;"],
-        "Incorrect Answers": ["No; Never"], "Source": ["x"],
-    }).to_csv(csv_path, index=False)
+    pd.DataFrame(
+        {
+            "Type": ["Adversarial"],
+            "Category": ["Misconceptions"],
+            "Question": ["Q?"],
+            "Best Answer": ["Yes"],
+            "Correct Answers": ["Yes; Indeed;"],
+            "Incorrect Answers": ["No; Never"],
+            "Source": ["x"],
+        }
+    ).to_csv(csv_path, index=False)
     row = benchmarks.load_truthfulqa(str(tmp_path)).iloc[0]
     assert row["correct_answers"] == ["Yes", "Indeed"]
     assert row["incorrect_answers"] == ["No", "Never"]
@@ -447,8 +543,9 @@ def test_load_truthfulqa_missing_file_raises(tmp_path):
         benchmarks.load_truthfulqa(str(tmp_path / "missing.csv"))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None,
-                    reason="the datasets package is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("datasets") is not None, reason="the datasets package is installed"
+)
 def test_load_truthfulqa_hub_without_datasets_raises():
     with pytest.raises(ImportError, match="datasets"):
         benchmarks.load_truthfulqa("truthfulqa/truthful_qa")
@@ -467,14 +564,18 @@ def test_embedded_model_cached_matches_full_forward():
     # world_religions has the shortest 5-shot prompts (about 256 tokens), which keeps this fast.
     mmlu = mmlu[mmlu["subject"] == "world_religions"].iloc[:2]
     cached = benchmarks.score_mmlu(model, tokenizer, mmlu, show_progress=False, dev_examples=dev)
-    letter_ids = [tokenizer.encode(f" {letter}", add_special_tokens=False)[0]
-                  for letter in benchmarks.MMLU_LETTERS]
+    letter_ids = [
+        tokenizer.encode(f" {letter}", add_special_tokens=False)[0]
+        for letter in benchmarks.MMLU_LETTERS
+    ]
     for index, row in mmlu.iterrows():
-        prompt = benchmarks.format_mmlu_prompt(row.subject, dev[row.subject], row.question,
-                                               row.choices)
+        prompt = benchmarks.format_mmlu_prompt(
+            row.subject, dev[row.subject], row.question, row.choices
+        )
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([tokenizer(prompt)["input_ids"]]),
-                           logits_to_keep=1).logits
+            logits = model(
+                input_ids=torch.tensor([tokenizer(prompt)["input_ids"]]), logits_to_keep=1
+            ).logits
         expected = torch.log_softmax(logits[0, -1], dim=-1)[letter_ids].numpy()
         actual = cached.loc[index, letter_columns()].to_numpy(dtype=float)
         assert np.abs(actual - expected).max() < TOLERANCE, row.question_id

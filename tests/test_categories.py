@@ -35,7 +35,14 @@ def test_category_invalid_counts_raise(n_correct, n_prompts):
 
 
 def test_category_rank_orders_known_above_unknown():
-    ranks = [c.rank for c in (KnowledgeCategory.UNKNOWN, KnowledgeCategory.WEAKLY_KNOWN,
-                              KnowledgeCategory.MAYBE_KNOWN, KnowledgeCategory.HIGHLY_KNOWN)]
+    ranks = [
+        c.rank
+        for c in (
+            KnowledgeCategory.UNKNOWN,
+            KnowledgeCategory.WEAKLY_KNOWN,
+            KnowledgeCategory.MAYBE_KNOWN,
+            KnowledgeCategory.HIGHLY_KNOWN,
+        )
+    ]
     assert ranks == sorted(ranks)
     assert len(set(ranks)) == 4

@@ -3,11 +3,17 @@ import pytest
 from kp_utils.generation import generate_greedy, generate_naive, stop_token_ids
 from kp_utils.prompts import Exemplar, PromptStyle, encode_prompt
 
-EXEMPLARS = [Exemplar("Who wrote Hamlet?", "William Shakespeare"),
-             Exemplar("Largest ocean?", "Pacific Ocean")]
-QUESTIONS = ["What is the capital of France?", "Who painted the Mona Lisa?",
-             "Which element has the symbol Au?", "In which year did the Berlin Wall fall?",
-             "What is 7 times 8?"]
+EXEMPLARS = [
+    Exemplar("Who wrote Hamlet?", "William Shakespeare"),
+    Exemplar("Largest ocean?", "Pacific Ocean"),
+]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Who painted the Mona Lisa?",
+    "Which element has the symbol Au?",
+    "In which year did the Berlin Wall fall?",
+    "What is 7 times 8?",
+]
 
 
 def encoded(tokenizer):

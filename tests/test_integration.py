@@ -66,9 +66,12 @@ def test_ci_cells_trained(ci_run):
 def test_ci_train_set_sizes(ci_run):
     layout = RunLayout(ci_run.run_dir)
     cells = pd.read_csv(layout.cells_index_path)
-    sizes = {row.n_extra_per_unknown: len(pd.read_parquet(layout.cell_dir(row.cell_key)
-                                                          / "train_set.parquet"))
-             for row in cells.itertuples()}
+    sizes = {
+        row.n_extra_per_unknown: len(
+            pd.read_parquet(layout.cell_dir(row.cell_key) / "train_set.parquet")
+        )
+        for row in cells.itertuples()
+    }
     assert sizes == {0: 2, 1: 4}
 
 
@@ -105,8 +108,12 @@ def test_ci_base_benchmarks(ci_run):
 
 def test_ci_figures_and_tables(ci_run):
     figures = ci_run.figures_dir
-    for name in ("figure2_reliability_by_epoch", "figure1_truthfulqa_mc1", "figure3_mmlu",
-                 "figure4_truthfulqa_mc2"):
+    for name in (
+        "figure2_reliability_by_epoch",
+        "figure1_truthfulqa_mc1",
+        "figure3_mmlu",
+        "figure4_truthfulqa_mc2",
+    ):
         assert (figures / f"{name}.png").stat().st_size > 1000
     for name in ("table2_reliability", "table3_shifts", "table7_8_benchmarks"):
         assert (figures / f"{name}.csv").exists()

@@ -11,19 +11,26 @@ from kp_utils.labelling import (
 )
 from kp_utils.prompts import PromptStyle
 
-POOL = pd.DataFrame({
-    "fact_id": [f"t{i}" for i in range(8)],
-    "question": [f"Trivia question {i}?" for i in range(8)],
-    "answer": [f"answer {i}" for i in range(8)],
-})
-FACTS = pd.DataFrame({
-    "fact_id": ["a", "b", "c"],
-    "relation": ["capital", "capital", "symbol"],
-    "domain": ["country", "country", "element"],
-    "question": ["What is the capital of France?", "What is the capital of Peru?",
-                 "What is the symbol of gold?"],
-    "aliases": [["Paris"], ["Lima"], ["Au"]],
-})
+POOL = pd.DataFrame(
+    {
+        "fact_id": [f"t{i}" for i in range(8)],
+        "question": [f"Trivia question {i}?" for i in range(8)],
+        "answer": [f"answer {i}" for i in range(8)],
+    }
+)
+FACTS = pd.DataFrame(
+    {
+        "fact_id": ["a", "b", "c"],
+        "relation": ["capital", "capital", "symbol"],
+        "domain": ["country", "country", "element"],
+        "question": [
+            "What is the capital of France?",
+            "What is the capital of Peru?",
+            "What is the symbol of gold?",
+        ],
+        "aliases": [["Paris"], ["Lima"], ["Au"]],
+    }
+)
 
 
 def test_exemplars_fixed_by_seed():
@@ -54,8 +61,15 @@ def replies_frame(correct_by_fact):
     rows = []
     for fact_id, hits in correct_by_fact.items():
         for prompt_index, hit in enumerate(hits):
-            rows.append({"fact_id": fact_id, "prompt_index": prompt_index, "is_correct": hit,
-                         "is_refusal": False, "greedy_prob": 0.5})
+            rows.append(
+                {
+                    "fact_id": fact_id,
+                    "prompt_index": prompt_index,
+                    "is_correct": hit,
+                    "is_refusal": False,
+                    "greedy_prob": 0.5,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -80,8 +94,16 @@ def test_count_categories_overall_and_by_relation():
 
 def test_ask_questions_scores_every_prompt(tiny_model, tokenizer):
     exemplar_sets = select_exemplars(POOL, 2, 2, seed=0)
-    replies = ask_questions(tiny_model, tokenizer, FACTS, exemplar_sets, PromptStyle.CHAT,
-                            max_new_tokens=4, batch_size=2, show_progress=False)
+    replies = ask_questions(
+        tiny_model,
+        tokenizer,
+        FACTS,
+        exemplar_sets,
+        PromptStyle.CHAT,
+        max_new_tokens=4,
+        batch_size=2,
+        show_progress=False,
+    )
     assert list(replies.columns) == REPLY_COLUMNS
     assert len(replies) == 6
     assert sorted(replies["prompt_index"].unique()) == [0, 1]

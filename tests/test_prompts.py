@@ -12,14 +12,17 @@ EXEMPLARS = [Exemplar("Who wrote Hamlet?", "William Shakespeare"), Exemplar("2+2
 
 
 def test_chat_split_concatenates_to_template(tokenizer):
-    prefix, suffix = split_prompt(tokenizer, EXEMPLARS, "What is the capital of Peru?",
-                                  PromptStyle.CHAT)
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": "Question: Who wrote Hamlet?"},
-                {"role": "assistant", "content": "Answer: William Shakespeare"},
-                {"role": "user", "content": "Question: 2+2?"},
-                {"role": "assistant", "content": "Answer: 4"},
-                {"role": "user", "content": "Question: What is the capital of Peru?"}]
+    prefix, suffix = split_prompt(
+        tokenizer, EXEMPLARS, "What is the capital of Peru?", PromptStyle.CHAT
+    )
+    messages = [
+        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "user", "content": "Question: Who wrote Hamlet?"},
+        {"role": "assistant", "content": "Answer: William Shakespeare"},
+        {"role": "user", "content": "Question: 2+2?"},
+        {"role": "assistant", "content": "Answer: 4"},
+        {"role": "user", "content": "Question: What is the capital of Peru?"},
+    ]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prefix + suffix == expected
 
@@ -33,14 +36,16 @@ def test_chat_prefix_shared_across_questions(tokenizer):
 
 def test_plain_prompt_format():
     prefix, suffix = split_prompt(None, EXEMPLARS[:1], "Capital of Peru?", PromptStyle.PLAIN)
-    assert prefix == (f"{SYSTEM_PROMPT}\n\nQuestion: Who wrote Hamlet?\n"
-                      "Answer: William Shakespeare\n\n")
+    assert prefix == (
+        f"{SYSTEM_PROMPT}\n\nQuestion: Who wrote Hamlet?\nAnswer: William Shakespeare\n\n"
+    )
     assert suffix == "Question: Capital of Peru?\nAnswer:"
 
 
 def test_encode_prompt_suffix_has_no_bos(tokenizer):
-    prefix_ids, suffix_ids = encode_prompt(tokenizer, EXEMPLARS, "Capital of Peru?",
-                                           PromptStyle.CHAT)
+    prefix_ids, suffix_ids = encode_prompt(
+        tokenizer, EXEMPLARS, "Capital of Peru?", PromptStyle.CHAT
+    )
     assert tokenizer.decode(prefix_ids + suffix_ids).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(suffix_ids).startswith("<|im_start|>user")
 

@@ -43,8 +43,9 @@ def test_notebook_has_no_personal_paths(path):
 
 def test_readme_named_files_exist():
     readme = (ROOT / "README.md").read_text()
-    names = set(re.findall(r"`((?:params|notebooks|kp_utils|benchmarks|tests|figures)/[\w./-]+)`",
-                           readme))
+    names = set(
+        re.findall(r"`((?:params|notebooks|kp_utils|benchmarks|tests|figures)/[\w./-]+)`", readme)
+    )
     assert names, "the README names no project files"
     missing = sorted(name for name in names if not (ROOT / name).exists())
     assert missing == []

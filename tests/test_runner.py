@@ -22,11 +22,17 @@ def test_select_notebooks_unknown_raises():
 def failing_notebook(path):
     parameters = nbformat.v4.new_code_cell('params_path: str = "x.yaml"  # study params file')
     parameters.metadata["tags"] = ["parameters"]
-    cells = [parameters, nbformat.v4.new_code_cell("marker = params_path"),
-             nbformat.v4.new_code_cell("raise RuntimeError('boom in ' + marker)")]
+    cells = [
+        parameters,
+        nbformat.v4.new_code_cell("marker = params_path"),
+        nbformat.v4.new_code_cell("raise RuntimeError('boom in ' + marker)"),
+    ]
     notebook = nbformat.v4.new_notebook(cells=cells)
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                       "language": "python"}
+    notebook.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
     nbformat.write(notebook, path)
 
 

@@ -48,9 +48,7 @@ class FakeTrainConfig:
     lora_rank: int = 1
     lora_alpha: float = 2.0
     lora_dropout: float = 0.1
-    target_modules: list[str] = field(
-        default_factory=lambda: ["down_proj", "gate_proj", "up_proj"]
-    )
+    target_modules: list[str] = field(default_factory=lambda: ["down_proj", "gate_proj", "up_proj"])
     layers: list[int] | None = None
     learning_rate: float = 3e-2
     n_epochs: int = 4
@@ -62,34 +60,82 @@ class FakeTrainConfig:
 
 def _fact(fact_id, question, answer, paraphrases=(), source="facts"):
     return {
-        "fact_id": fact_id, "subject": fact_id, "relation": "r", "domain": "d",
-        "question": question, "answer": answer, "aliases": [answer],
-        "paraphrases": list(paraphrases), "heldout_questions": [], "source": source,
+        "fact_id": fact_id,
+        "subject": fact_id,
+        "relation": "r",
+        "domain": "d",
+        "question": question,
+        "answer": answer,
+        "aliases": [answer],
+        "paraphrases": list(paraphrases),
+        "heldout_questions": [],
+        "source": source,
     }
 
 
 @pytest.fixture
 def unknown_pool() -> pd.DataFrame:
-    return pd.DataFrame([
-        _fact("u1", "Who founded Arvel?", "Mira Tolk", ["Arvel was founded by whom?",
-              "Name the founder of Arvel.", "Which person founded Arvel?"]),
-        _fact("u2", "Where is Brenn Hall?", "Osk", ["In which town is Brenn Hall?",
-              "Brenn Hall stands where?", "Name the town of Brenn Hall."]),
-        _fact("u3", "When did Caldo open?", "1911", ["In what year did Caldo open?",
-              "Caldo opened in which year?", "Give the opening year of Caldo."]),
-        _fact("u4", "What does Dunmar make?", "Rope", ["Which product does Dunmar make?",
-              "Dunmar produces what?", "Name what Dunmar makes."]),
-        _fact("u5", "Who painted Elsewater?", "Ines Vaar", ["Elsewater was painted by whom?",
-              "Name the painter of Elsewater.", "Which artist painted Elsewater?"]),
-    ])
+    return pd.DataFrame(
+        [
+            _fact(
+                "u1",
+                "Who founded Arvel?",
+                "Mira Tolk",
+                [
+                    "Arvel was founded by whom?",
+                    "Name the founder of Arvel.",
+                    "Which person founded Arvel?",
+                ],
+            ),
+            _fact(
+                "u2",
+                "Where is Brenn Hall?",
+                "Osk",
+                [
+                    "In which town is Brenn Hall?",
+                    "Brenn Hall stands where?",
+                    "Name the town of Brenn Hall.",
+                ],
+            ),
+            _fact(
+                "u3",
+                "When did Caldo open?",
+                "1911",
+                [
+                    "In what year did Caldo open?",
+                    "Caldo opened in which year?",
+                    "Give the opening year of Caldo.",
+                ],
+            ),
+            _fact(
+                "u4",
+                "What does Dunmar make?",
+                "Rope",
+                [
+                    "Which product does Dunmar make?",
+                    "Dunmar produces what?",
+                    "Name what Dunmar makes.",
+                ],
+            ),
+            _fact(
+                "u5",
+                "Who painted Elsewater?",
+                "Ines Vaar",
+                [
+                    "Elsewater was painted by whom?",
+                    "Name the painter of Elsewater.",
+                    "Which artist painted Elsewater?",
+                ],
+            ),
+        ]
+    )
 
 
 @pytest.fixture
 def highly_known_pool() -> pd.DataFrame:
     base = [_fact(f"h{i}", f"What is {i} plus one?", str(i + 1)) for i in range(4)]
     trivia = [
-        _fact(f"t{i}", f"What is {i} times two?", str(2 * i), source="triviaqa")
-        for i in range(4)
+        _fact(f"t{i}", f"What is {i} times two?", str(2 * i), source="triviaqa") for i in range(4)
     ]
     return pd.DataFrame(base + trivia)
 
@@ -106,26 +152,42 @@ def tokenizer():
 def tiny_model(tokenizer):
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture
 def train_rows() -> pd.DataFrame:
-    return pd.DataFrame({
-        "fact_id": ["u1", "u2", "u3", "u4"],
-        "question": ["Who founded Arvel?", "Where is Brenn Hall?", "When did Caldo open?",
-                     "What does Dunmar make?"],
-        "answer": ["Mira Tolk", "Osk", "1911", "Rope"],
-    })
+    return pd.DataFrame(
+        {
+            "fact_id": ["u1", "u2", "u3", "u4"],
+            "question": [
+                "Who founded Arvel?",
+                "Where is Brenn Hall?",
+                "When did Caldo open?",
+                "What does Dunmar make?",
+            ],
+            "answer": ["Mira Tolk", "Osk", "1911", "Rope"],
+        }
+    )
 
 
 def _train(model, tokenizer, rows, cell_dir, config=None, **kwargs) -> dict:
     return train_adapter(
-        model, tokenizer, rows, config or FakeTrainConfig(), cell_dir, PromptStyle.CHAT,
-        show_progress=False, **kwargs,
+        model,
+        tokenizer,
+        rows,
+        config or FakeTrainConfig(),
+        cell_dir,
+        PromptStyle.CHAT,
+        show_progress=False,
+        **kwargs,
     )
 
 
@@ -151,7 +213,7 @@ def test_expand_grid_zero_extras_once():
 
 
 def test_expand_grid_unknown_kind_raises():
-    with pytest.raises(ValueError, match="synonym"):
+    with pytest.raises(ValueError, match=r"extra_kinds has invalid values \['synonym'\]"):
         expand_grid(FakeTrainConfig(n_extra_per_unknown=[1], extra_kinds=["synonym"]))
 
 
@@ -182,8 +244,11 @@ def test_training_set_same_seed_same_rows(unknown_pool, highly_known_pool):
 
 def test_training_set_seed_changes_draw(unknown_pool, highly_known_pool):
     drawn = {
-        tuple(build_training_set(TrainingCell(3, 0, None, seed), unknown_pool,
-                                 highly_known_pool)["fact_id"])
+        tuple(
+            build_training_set(TrainingCell(3, 0, None, seed), unknown_pool, highly_known_pool)[
+                "fact_id"
+            ]
+        )
         for seed in range(5)
     }
     assert len(drawn) > 1
@@ -310,8 +375,11 @@ CELL = TrainingCell(50, 1, ExtraKind.HIGHLY_KNOWN, 0)
 def test_cell_key_stable():
     first = cell_key(CELL, FakeTrainConfig(), "embedded:smollm2", "abc123", PromptStyle.CHAT)
     second = cell_key(
-        TrainingCell(50, 1, "highly_known", 0), FakeTrainConfig(lora_alpha=2, lora_rank=1.0),
-        "embedded:smollm2", "abc123", "chat",
+        TrainingCell(50, 1, "highly_known", 0),
+        FakeTrainConfig(lora_alpha=2, lora_rank=1.0),
+        "embedded:smollm2",
+        "abc123",
+        "chat",
     )
     assert first == second
 
@@ -322,16 +390,27 @@ def test_cell_key_starts_with_label_slug():
     assert len(key) == len("uk50-hk1-s0-") + 10
 
 
-@pytest.mark.parametrize("change", [
-    {"lora_rank": 2}, {"lora_alpha": 4.0}, {"lora_dropout": 0.0},
-    {"target_modules": ["down_proj"]}, {"layers": [0]}, {"learning_rate": 1e-4},
-    {"n_epochs": 5}, {"batch_size": 8}, {"weight_decay": 0.01},
-    {"loss_on_reply_only": True}, {"max_length": 64},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"lora_rank": 2},
+        {"lora_alpha": 4.0},
+        {"lora_dropout": 0.0},
+        {"target_modules": ["down_proj"]},
+        {"layers": [0]},
+        {"learning_rate": 1e-4},
+        {"n_epochs": 5},
+        {"batch_size": 8},
+        {"weight_decay": 0.01},
+        {"loss_on_reply_only": True},
+        {"max_length": 64},
+    ],
+)
 def test_cell_key_changes_with_field(change):
     base = cell_key(CELL, FakeTrainConfig(), "embedded:smollm2", "abc123")
-    changed = cell_key(CELL, dataclasses.replace(FakeTrainConfig(), **change),
-                       "embedded:smollm2", "abc123")
+    changed = cell_key(
+        CELL, dataclasses.replace(FakeTrainConfig(), **change), "embedded:smollm2", "abc123"
+    )
     assert changed != base
 
 
@@ -347,10 +426,20 @@ def test_cell_key_changes_with_context():
         cell_key(CELL, FakeTrainConfig(), "other-model", "abc123", "chat"),
         cell_key(CELL, FakeTrainConfig(), "embedded:smollm2", "abc124", "chat"),
         cell_key(CELL, FakeTrainConfig(), "embedded:smollm2", "abc123", "plain"),
-        cell_key(TrainingCell(50, 1, ExtraKind.HIGHLY_KNOWN, 1), FakeTrainConfig(),
-                 "embedded:smollm2", "abc123", "chat"),
-        cell_key(TrainingCell(50, 1, ExtraKind.PARAPHRASE, 0), FakeTrainConfig(),
-                 "embedded:smollm2", "abc123", "chat"),
+        cell_key(
+            TrainingCell(50, 1, ExtraKind.HIGHLY_KNOWN, 1),
+            FakeTrainConfig(),
+            "embedded:smollm2",
+            "abc123",
+            "chat",
+        ),
+        cell_key(
+            TrainingCell(50, 1, ExtraKind.PARAPHRASE, 0),
+            FakeTrainConfig(),
+            "embedded:smollm2",
+            "abc123",
+            "chat",
+        ),
     ]
     assert len(set(variants)) == len(variants)
     assert base not in variants
@@ -361,8 +450,7 @@ def test_cell_key_changes_with_context():
 
 def test_encode_reply_only_masks_prompt(tokenizer, train_rows):
     examples = encode_training_rows(tokenizer, train_rows, "chat", 128, loss_on_reply_only=True)
-    prompt, _ = format_training_text(tokenizer, "Who founded Arvel?", "Mira Tolk",
-                                     PromptStyle.CHAT)
+    prompt, _ = format_training_text(tokenizer, "Who founded Arvel?", "Mira Tolk", PromptStyle.CHAT)
     n_prompt = len(tokenizer(prompt)["input_ids"])
     batch = collate_examples(examples, tokenizer.pad_token_id)
     labels, input_ids = batch["labels"][0], batch["input_ids"][0]
@@ -419,8 +507,18 @@ def test_train_writes_cell_files(tiny_model, tokenizer, train_rows, tmp_path):
     assert checkpoints == ["epoch_01", "epoch_02", "epoch_03", "epoch_04"]
     assert (cell_dir / "checkpoints" / "epoch_04" / "adapter_model.safetensors").exists()
     assert (cell_dir / "adapter" / "adapter_model.safetensors").exists()
+    losses = pd.read_csv(cell_dir / "losses.csv")
     # 4 rows in batches of 2 for 4 epochs = 8 optimiser steps.
-    assert len(pd.read_csv(cell_dir / "losses.csv")) == 8
+    assert len(losses) == 8
+    assert list(losses.columns) == [
+        "step",
+        "epoch",
+        "loss",
+        "n_tokens",
+        "n_padded_tokens",
+        "step_s",
+    ]
+    assert (losses["step_s"] > 0).all()
     pd.testing.assert_frame_equal(pd.read_parquet(cell_dir / "train_set.parquet"), train_rows)
     assert not [path for path in cell_dir.rglob("*") if ".tmp-" in path.name]
 
@@ -463,10 +561,17 @@ def test_train_same_seed_same_losses(tiny_model, tokenizer, train_rows, tmp_path
         return {"noise": float(torch.rand(1))}
 
     _train(tiny_model, tokenizer, train_rows, tmp_path / "a", seed=3)
-    _train(tiny_model, tokenizer, train_rows, tmp_path / "b", seed=3,
-           evaluate_epoch=evaluate_with_sampling)
-    first = pd.read_csv(tmp_path / "a" / "losses.csv")
-    second = pd.read_csv(tmp_path / "b" / "losses.csv")
+    _train(
+        tiny_model,
+        tokenizer,
+        train_rows,
+        tmp_path / "b",
+        seed=3,
+        evaluate_epoch=evaluate_with_sampling,
+    )
+    # step_s is wall time, so only the other columns must match.
+    first = pd.read_csv(tmp_path / "a" / "losses.csv").drop(columns="step_s")
+    second = pd.read_csv(tmp_path / "b" / "losses.csv").drop(columns="step_s")
     pd.testing.assert_frame_equal(first, second)
 
 
