@@ -1,4 +1,4 @@
-"""Stage 04: the paper's figures and tables from a run folder's artifacts alone."""
+"""Stage 04: the figures and tables of Pletenev et al. (2025), drawn from a run folder alone."""
 
 from __future__ import annotations
 
@@ -162,6 +162,7 @@ def make_tables(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
             ],
         ),
         "table5_shift_reasons": _reasons_table(config, run["cells"]),
+        "table_calibration": _mean_over_seeds(results, ["ece_base", "ece_adapted"]),
         "table7_8_benchmarks": _benchmark_table(run),
     }
     for name, table in tables.items():

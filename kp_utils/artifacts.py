@@ -1,7 +1,7 @@
 """Run-folder layout and crash-safe writes.
 
-Every file goes to a temporary name in its target folder and is renamed into place, so a run
-killed at any moment leaves either the old file, the new file, or a `.tmp` leftover, never a
+Every file goes to a temporary name in its target folder and is then renamed into place. A run
+killed at any moment leaves the old file, the new file or a temporary leftover, never a
 half-written file under the final name. Tables are parquet or CSV, records JSON: never pickle.
 """
 
@@ -9,25 +9,42 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
 
+TEMP_MARK = ".tmp-"  # in every temporary name, so cleanup code can recognise leftovers
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or folder; do nothing if it does not exist."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(temporary_path)` and rename the result to `path`."""
+    """Write a file or folder through `write(temporary_path)`, then rename it to `path`.
+
+    The temporary name is hidden and sits in the same folder, so the rename stays on one file
+    system. A run killed mid-write leaves only ".<name>.tmp-<pid>", never a file under the final
+    name. An existing folder at `path` is replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temporary = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    remove_path(temporary)
     try:
-        write(Path(temporary))
+        write(temporary)
+        if path.is_dir():
+            # os.replace cannot overwrite a non-empty folder.
+            shutil.rmtree(path)
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        remove_path(temporary)
     return path
 
 

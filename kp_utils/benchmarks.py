@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -43,6 +42,8 @@ import pandas as pd
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+
+from kp_utils.generation import cache_argument
 
 logger = logging.getLogger(__name__)
 
@@ -430,17 +431,6 @@ def _empty_rows(device: torch.device) -> _CachedRows:
     )
 
 
-def _cache_argument(model) -> str:
-    """Return the forward argument that takes a key/value cache.
-
-    Transformers 5.25 renamed `past_key_values` to `cache` (the old name warns until 5.40), and
-    a wrong name would vanish into **kwargs, so the cached tokens would be silently ignored.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(type(base).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
 def _select_cache(cache, sources: torch.Tensor):
     """Return a cache whose row i copies row sources[i] of cache, leaving cache unchanged.
 
@@ -490,7 +480,7 @@ def _run_rows(
     if width == 0:
         return None, continued
     positions = starts.unsqueeze(-1) + (row_mask.cumsum(dim=-1) - 1).clamp(min=0)
-    name = _cache_argument(model)
+    name = cache_argument(model)
     out = model(
         input_ids=ids,
         attention_mask=mask,

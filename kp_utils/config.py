@@ -62,6 +62,11 @@ class DataSection:
     n_shots: int = 4  # exemplars per prompt
     max_new_tokens: int = 32
     batch_size: int = 32
+    # Sampled replies per prompt for questions no greedy prompt gets right; one of them being
+    # right makes the question WeaklyKnown. 0 turns WeaklyKnown off; Gekhman et al. (2024) use 16.
+    weakly_known_samples: int = 0
+    sampling_temperature: float = 0.5  # Gekhman et al. (2024) sample at temperature 0.5
+    sampling_top_k: int = 40  # each sampled token comes from the 40 most probable ones
 
 
 @dataclass(frozen=True)
@@ -259,6 +264,21 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
         source,
         "train.n_epochs and train.batch_size must be >= 1",
     )
+    _check_data_fields(data, source)
+    _require(
+        config.eval.explode_ratio > 1,
+        source,
+        f"eval.explode_ratio must be > 1, got {config.eval.explode_ratio}",
+    )
+    bad_formats = sorted(set(config.analysis.figure_formats) - {"png", "pdf", "svg"})
+    _require(
+        not bad_formats,
+        source,
+        f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg",
+    )
+
+
+def _check_data_fields(data: DataSection, source: str) -> None:
     _require(data.n_prompts >= 1, source, f"data.n_prompts must be >= 1, got {data.n_prompts}")
     _require(data.n_shots >= 0, source, f"data.n_shots must be >= 0, got {data.n_shots}")
     _require(
@@ -272,15 +292,20 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
         "data.external_mode 'replace' needs data.external_path",
     )
     _require(
-        config.eval.explode_ratio > 1,
+        data.weakly_known_samples >= 0,
         source,
-        f"eval.explode_ratio must be > 1, got {config.eval.explode_ratio}",
+        f"data.weakly_known_samples must be >= 0 (0 turns WeaklyKnown off), "
+        f"got {data.weakly_known_samples}",
     )
-    bad_formats = sorted(set(config.analysis.figure_formats) - {"png", "pdf", "svg"})
     _require(
-        not bad_formats,
+        data.sampling_temperature > 0,
         source,
-        f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg",
+        f"data.sampling_temperature must be > 0, got {data.sampling_temperature}",
+    )
+    _require(
+        data.sampling_top_k >= 1,
+        source,
+        f"data.sampling_top_k must be >= 1, got {data.sampling_top_k}",
     )
 
 

@@ -7,6 +7,10 @@ between prefix and suffix. The attention mask hides the padding and explicit pos
 each suffix contiguous with the prefix, so the logits equal those of the unpadded full prompt up
 to float rounding. Each sequence stops at its own stop token.
 
+`generate_sampled` runs the same cached path but draws each token from the temperature-scaled
+top-k distribution, several samples per suffix. Each (seed, suffix position, sample index) has
+its own random stream, so a sample does not depend on the batch size or on the other rows.
+
 `generate_naive` is the reference path: one `model.generate` call per question on the full
 prompt. The benchmark and the tests compare the two.
 """
@@ -16,8 +20,10 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -36,6 +42,20 @@ class GreedyReply:
     token_ids: tuple[int, ...]
     prob: float
     is_stopped: bool  # False when max_new_tokens ran out before a stop token
+
+
+@dataclass(frozen=True)
+class SampledReply:
+    """One sampled continuation."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    is_stopped: bool  # False when max_new_tokens ran out before a stop token
+
+
+# Picks the next token of every row from the step's log-probabilities (B, V) and the step
+# number (0 for the first new token); returns token ids (B,).
+TokenChooser = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def stop_token_ids(tokenizer, stop_at_newline: bool) -> set[int]:
@@ -82,9 +102,43 @@ def _pad_suffixes(suffixes: list[list[int]], pad_id: int, prefix_len: int, devic
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def _choose_argmax(step_log_probs: torch.Tensor, step: int) -> torch.Tensor:
+    return step_log_probs.argmax(dim=-1)
+
+
+def _top_k_chooser(uniforms: torch.Tensor, temperature: float, top_k: int) -> TokenChooser:
+    """Build a chooser that samples from the top-k tokens at `temperature`.
+
+    `uniforms` (B, max_new_tokens) holds one draw from [0, 1) per row and step. Inverse-CDF
+    sampling over the k tokens sorted by probability needs only that one number, so top_k=1
+    always returns the argmax.
+    """
+
+    def choose(step_log_probs: torch.Tensor, step: int) -> torch.Tensor:
+        k = min(top_k, step_log_probs.shape[-1])
+        top_log_probs, top_ids = step_log_probs.topk(k, dim=-1)  # both (B, k), best first
+        probs = torch.softmax(top_log_probs.double() / temperature, dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        targets = uniforms[:, step : step + 1].to(cdf.device) * cdf[:, -1:]
+        # Index of the first token whose cumulative probability exceeds the draw; the clamp
+        # guards against rounding leaving the last cumulative value below the target.
+        picks = (cdf <= targets).sum(dim=-1).clamp(max=k - 1)
+        return top_ids.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
+
+    return choose
+
+
 @torch.inference_mode()
 def _decode_batch(
-    model, cache, ids, mask, positions, max_new_tokens: int, stops: set[int], pad_id: int
+    model,
+    cache,
+    ids,
+    mask,
+    positions,
+    max_new_tokens: int,
+    stops: set[int],
+    pad_id: int,
+    choose: TokenChooser = _choose_argmax,
 ) -> list[tuple[list[int], float, bool]]:
     batch = ids.shape[0]
     generated = [[] for _ in range(batch)]
@@ -92,7 +146,7 @@ def _decode_batch(
     finished = torch.zeros(batch, dtype=torch.bool)
     name = cache_argument(model)
     is_stopped = torch.zeros(batch, dtype=torch.bool)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         # logits_to_keep=1 skips the vocabulary projection of every position but the last.
         out = model(
             input_ids=ids,
@@ -103,7 +157,7 @@ def _decode_batch(
             **{name: cache},
         )
         step_log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-        next_ids = step_log_probs.argmax(dim=-1)
+        next_ids = choose(step_log_probs, step)
         for row in range(batch):
             if finished[row]:
                 continue
@@ -125,6 +179,44 @@ def _decode_batch(
 
 
 @torch.inference_mode()
+def _generate_cached(
+    model,
+    tokenizer,
+    prefix_ids: list[int],
+    rows: list[list[int]],
+    max_new_tokens: int,
+    stops: set[int],
+    batch_size: int,
+    make_chooser: Callable[[int, int], TokenChooser],
+    show_progress: bool,
+    desc: str,
+) -> list[tuple[list[int], float, bool]]:
+    """Decode prefix + row for every row, encoding the prefix once.
+
+    `make_chooser(start, n_rows)` returns the token chooser for rows start .. start + n_rows - 1.
+    Returns (new token ids, probability of those tokens, is_stopped) per row, in input order.
+    """
+    if not prefix_ids or any(len(row) == 0 for row in rows):
+        raise ValueError("cached generation needs a non-empty prefix and non-empty suffixes")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix = model(
+        input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1
+    )
+    decoded = []
+    starts = range(0, len(rows), batch_size)
+    for start in tqdm(starts, desc=desc, total=len(starts), disable=not show_progress, leave=False):
+        chunk = rows[start : start + batch_size]
+        cache = copy.deepcopy(prefix[cache_argument(model)])
+        cache.batch_repeat_interleave(len(chunk))
+        ids, mask, positions = _pad_suffixes(chunk, pad_id, len(prefix_ids), device)
+        choose = make_chooser(start, len(chunk))
+        decoded.extend(
+            _decode_batch(model, cache, ids, mask, positions, max_new_tokens, stops, pad_id, choose)
+        )
+    return decoded
+
+
 def generate_greedy(
     model,
     tokenizer,
@@ -146,26 +238,99 @@ def generate_greedy(
     Returns:
         One `GreedyReply` per suffix, in input order.
     """
-    if not prefix_ids or any(len(s) == 0 for s in suffixes):
-        raise ValueError("generate_greedy needs a non-empty prefix and non-empty suffixes")
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    prefix = model(
-        input_ids=torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1
+    decoded = _generate_cached(
+        model,
+        tokenizer,
+        prefix_ids,
+        suffixes,
+        max_new_tokens,
+        stops,
+        batch_size,
+        lambda start, n_rows: _choose_argmax,
+        show_progress,
+        desc,
     )
-    replies: list[GreedyReply] = []
-    starts = range(0, len(suffixes), batch_size)
-    for start in tqdm(starts, desc=desc, total=len(starts), disable=not show_progress, leave=False):
-        chunk = suffixes[start : start + batch_size]
-        cache = copy.deepcopy(prefix[cache_argument(model)])
-        cache.batch_repeat_interleave(len(chunk))
-        ids, mask, positions = _pad_suffixes(chunk, pad_id, len(prefix_ids), device)
-        for tokens, prob, stopped in _decode_batch(
-            model, cache, ids, mask, positions, max_new_tokens, stops, pad_id
-        ):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            replies.append(GreedyReply(text, tuple(tokens), prob, stopped))
-    return replies
+    return [
+        GreedyReply(tokenizer.decode(tokens, skip_special_tokens=True), tuple(tokens), prob, stop)
+        for tokens, prob, stop in decoded
+    ]
+
+
+def _row_uniforms(
+    seed: int, n_samples: int, start: int, n_rows: int, max_new_tokens: int
+) -> torch.Tensor:
+    """Draw (n_rows, max_new_tokens) uniforms from [0, 1) for rows start .. start + n_rows - 1.
+
+    Row r is sample r % n_samples of suffix r // n_samples. Each row gets a generator seeded
+    from (seed, suffix position, sample index), so its draws do not depend on the batching.
+    """
+    uniforms = torch.empty((n_rows, max_new_tokens), dtype=torch.float64)
+    for offset in range(n_rows):
+        suffix_index, sample_index = divmod(start + offset, n_samples)
+        row_seed = np.random.SeedSequence([seed, suffix_index, sample_index]).generate_state(1)
+        generator = torch.Generator().manual_seed(int(row_seed[0]))
+        uniforms[offset] = torch.rand(max_new_tokens, generator=generator, dtype=torch.float64)
+    return uniforms
+
+
+def generate_sampled(
+    model,
+    tokenizer,
+    prefix_ids: list[int],
+    suffixes: list[list[int]],
+    n_samples: int,
+    temperature: float,
+    top_k: int,
+    max_new_tokens: int,
+    stops: set[int],
+    seed: int,
+    batch_size: int = 32,
+    show_progress: bool = False,
+    desc: str = "sample",
+) -> list[list[SampledReply]]:
+    """Sample `n_samples` continuations of prefix + suffix per suffix, encoding the prefix once.
+
+    Each token is drawn from the `top_k` most probable tokens after dividing the logits by
+    `temperature`. The same seed and inputs give the same samples, and sample j of suffix i
+    depends only on (seed, i, j) and the model, not on `batch_size`. With top_k=1 the samples
+    equal the greedy reply.
+
+    Args:
+        suffixes: per-question token ids, each non-empty.
+        batch_size: rows per forward pass, where each (suffix, sample) pair is one row.
+
+    Returns:
+        One list of `n_samples` replies per suffix, in input order.
+    """
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, got {top_k}")
+    rows = [suffix for suffix in suffixes for _ in range(n_samples)]
+
+    def make_chooser(start: int, n_rows: int) -> TokenChooser:
+        uniforms = _row_uniforms(seed, n_samples, start, n_rows, max_new_tokens)
+        return _top_k_chooser(uniforms, temperature, top_k)
+
+    decoded = _generate_cached(
+        model,
+        tokenizer,
+        prefix_ids,
+        rows,
+        max_new_tokens,
+        stops,
+        batch_size,
+        make_chooser,
+        show_progress,
+        desc,
+    )
+    replies = [
+        SampledReply(tokenizer.decode(tokens, skip_special_tokens=True), tuple(tokens), stop)
+        for tokens, _, stop in decoded
+    ]
+    return [replies[i : i + n_samples] for i in range(0, len(replies), n_samples)]
 
 
 @torch.inference_mode()

@@ -1,20 +1,26 @@
-"""Ask questions under P few-shot prompts and label each one HighlyKnown, MaybeKnown or Unknown.
+"""Ask questions under P few-shot prompts and label each one HighlyKnown, MaybeKnown, WeaklyKnown
+or Unknown.
 
 Each prompt index p has its own fixed set of exemplars, drawn by (seed, p) from an exemplar pool
 (TriviaQA by default). Every question is asked under every prompt with greedy decoding; a reply is
 correct when one of the question's aliases appears in it (see `kp_utils.matching`).
+
+With WeaklyKnown on, `ask_questions_sampled` also samples several replies per prompt for the
+questions that no greedy prompt got right, and `summarise_labels` marks those with at least one
+correct sample WeaklyKnown (Gekhman et al., 2024).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from kp_utils.categories import CATEGORY_RULE_VERSION, KnowledgeCategory, label_category
-from kp_utils.generation import generate_greedy, stop_token_ids
+from kp_utils.generation import generate_greedy, generate_sampled, stop_token_ids
 from kp_utils.matching import MATCHING_VERSION, alias_in_reply, is_refusal
 from kp_utils.prompts import Exemplar, PromptStyle, encode_prompt, extract_answer
 
@@ -31,6 +37,17 @@ REPLY_COLUMNS = [
     "greedy_prob",
     "is_stopped",
 ]
+SAMPLED_COLUMNS = ["fact_id", "prompt_index", "n_samples", "n_correct_sampled", "sampled_replies"]
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How `ask_questions_sampled` samples replies (see `kp_utils.generation.generate_sampled`)."""
+
+    n_samples: int  # sampled replies per question and prompt
+    temperature: float
+    top_k: int
+    seed: int  # each prompt derives its own seed from this one (see `prompt_seed`)
 
 
 def select_exemplars(
@@ -103,6 +120,84 @@ def ask_questions(
     return pd.concat(frames, ignore_index=True)
 
 
+def ask_questions_sampled(
+    model,
+    tokenizer,
+    questions: pd.DataFrame,
+    exemplar_sets: list[list[Exemplar]],
+    style: PromptStyle,
+    sampling: SamplingSettings,
+    max_new_tokens: int,
+    batch_size: int,
+    show_progress: bool = True,
+) -> pd.DataFrame:
+    """Sample replies to every question under every prompt and count the correct ones.
+
+    Args:
+        questions: columns fact_id, question, aliases; usually only the questions that no
+            greedy prompt got right, because only those can become WeaklyKnown.
+        exemplar_sets: the same exemplar sets as the greedy pass.
+        batch_size: rows per forward pass, where each (question, sample) pair is one row.
+
+    Returns:
+        One row per (fact_id, prompt_index) with the columns in SAMPLED_COLUMNS;
+        sampled_replies lists the raw reply texts.
+    """
+    if questions.empty:
+        return pd.DataFrame(columns=SAMPLED_COLUMNS)
+    stops = stop_token_ids(tokenizer, stop_at_newline=style is PromptStyle.PLAIN)
+    frames = []
+    bar = tqdm(
+        total=len(questions) * len(exemplar_sets), desc="sample replies", disable=not show_progress
+    )
+    for prompt_index, exemplars in enumerate(exemplar_sets):
+        encoded = [encode_prompt(tokenizer, exemplars, q, style) for q in questions["question"]]
+        suffixes = [suffix for _, suffix in encoded]
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        samples = generate_sampled(
+            model,
+            tokenizer,
+            encoded[0][0],
+            [suffixes[i] for i in order],
+            sampling.n_samples,
+            sampling.temperature,
+            sampling.top_k,
+            max_new_tokens,
+            stops,
+            prompt_seed(sampling.seed, prompt_index),
+            batch_size,
+        )
+        by_row = dict(zip(order, samples))
+        frames.append(
+            _score_samples(questions, [by_row[i] for i in range(len(suffixes))], prompt_index)
+        )
+        bar.update(len(questions))
+    bar.close()
+    return pd.concat(frames, ignore_index=True)
+
+
+def prompt_seed(seed: int, prompt_index: int) -> int:
+    """Derive the sampling seed of one prompt, so prompts do not share random draws."""
+    return int(np.random.SeedSequence([seed, prompt_index]).generate_state(1)[0])
+
+
+def _score_samples(questions: pd.DataFrame, samples, prompt_index: int) -> pd.DataFrame:
+    texts = [[reply.text for reply in replies] for replies in samples]
+    n_correct = [
+        sum(alias_in_reply(extract_answer(text), list(aliases)) for text in replies)
+        for replies, aliases in zip(texts, questions["aliases"])
+    ]
+    return pd.DataFrame(
+        {
+            "fact_id": questions["fact_id"].to_numpy(),
+            "prompt_index": prompt_index,
+            "n_samples": [len(replies) for replies in texts],
+            "n_correct_sampled": n_correct,
+            "sampled_replies": texts,
+        }
+    )
+
+
 def _score_replies(questions: pd.DataFrame, replies, prompt_index: int) -> pd.DataFrame:
     texts = [reply.text for reply in replies]
     return pd.DataFrame(
@@ -123,11 +218,20 @@ def _score_replies(questions: pd.DataFrame, replies, prompt_index: int) -> pd.Da
     )
 
 
-def summarise_labels(replies: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame:
+def summarise_labels(
+    replies: pd.DataFrame, facts: pd.DataFrame, sampled: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Turn per-prompt replies into one row per fact with its knowledge category.
 
-    Returns columns fact_id, relation, domain, n_correct, n_prompts, category, n_refusals,
-    mean_greedy_prob, category_rule_version and matching_version.
+    Args:
+        replies: greedy replies, one row per (fact_id, prompt_index), as from `ask_questions`.
+        sampled: sampled-reply counts from `ask_questions_sampled`, or None when WeaklyKnown is
+            off. Only facts with no greedy hit use it.
+
+    Returns columns fact_id, relation, domain, n_correct, n_prompts, n_refusals, mean_greedy_prob,
+    n_correct_sampled, category, category_rule_version and matching_version. n_correct_sampled
+    is the nullable integer count of correct samples over all prompts, and <NA> for facts that
+    were not sampled: all facts when `sampled` is None, and facts with a greedy hit.
     """
     grouped = (
         replies.groupby("fact_id", sort=False)
@@ -139,9 +243,10 @@ def summarise_labels(replies: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame
         )
         .reset_index()
     )
+    grouped["n_correct_sampled"] = _count_sampled_hits(grouped, sampled)
     grouped["category"] = [
-        label_category(int(c), int(p)).value
-        for c, p in zip(grouped["n_correct"], grouped["n_prompts"])
+        label_category(int(c), int(p), None if pd.isna(s) else int(s)).value
+        for c, p, s in zip(grouped["n_correct"], grouped["n_prompts"], grouped["n_correct_sampled"])
     ]
     labels = facts[["fact_id", "relation", "domain"]].merge(grouped, on="fact_id", how="inner")
     labels["category_rule_version"] = CATEGORY_RULE_VERSION
@@ -149,8 +254,29 @@ def summarise_labels(replies: pd.DataFrame, facts: pd.DataFrame) -> pd.DataFrame
     return labels
 
 
+def _count_sampled_hits(grouped: pd.DataFrame, sampled: pd.DataFrame | None) -> pd.Series:
+    """Sum correct samples per fact for facts with no greedy hit; <NA> for the rest."""
+    counts = pd.Series(pd.NA, index=grouped.index, dtype="Int64")
+    if sampled is None:
+        return counts
+    totals = sampled.groupby("fact_id")["n_correct_sampled"].sum()
+    is_greedy_miss = grouped["n_correct"] == 0
+    missing = sorted(set(grouped.loc[is_greedy_miss, "fact_id"]) - set(totals.index))
+    if missing:
+        logger.warning(
+            "%d facts with no greedy hit have no sampled replies and stay Unknown, e.g. %s",
+            len(missing),
+            missing[:5],
+        )
+    counts[is_greedy_miss] = grouped.loc[is_greedy_miss, "fact_id"].map(totals).astype("Int64")
+    return counts
+
+
 def count_categories(labels: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
-    """Count facts per knowledge category (the paper's Table 1), overall or per `by` column."""
+    """Count facts per knowledge category, overall or per `by` column.
+
+    This is Table 1 of Pletenev et al. (2025).
+    """
     order = [category.value for category in KnowledgeCategory]
     if by is None:
         counts = labels["category"].value_counts().reindex(order, fill_value=0).to_frame("all").T

@@ -9,7 +9,6 @@ UK, HK, Para.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, NullFormatter, NullLocator
 
+from kp_utils.artifacts import write_atomic
 from kp_utils.categories import EXTRA_KIND_LABELS, SHORT_LABELS, KnowledgeCategory
 
 logger = logging.getLogger(__name__)
@@ -29,29 +29,14 @@ UNKNOWN_ONLY_LABEL = f"{SHORT_LABELS[KnowledgeCategory.UNKNOWN]} only"
 CELL_COLUMNS = ("n_unknown", "n_extra_per_unknown", "extra_kind")
 
 
-def _replace_atomically(out_dir: Path, file_name: str, write) -> Path:
-    """Call write(temporary path), then rename it to out_dir / file_name."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final_path = out_dir / file_name
-    # A partial file never carries the final name, so a crash cannot leave a half-written figure.
-    temporary_path = out_dir / f".{file_name}.tmp"
-    try:
-        write(temporary_path)
-        os.replace(temporary_path, final_path)
-    finally:
-        temporary_path.unlink(missing_ok=True)
-    return final_path
-
-
 def save_figure(
     fig: Figure, out_dir: str | Path, name: str, formats: Sequence[str] = ("png", "pdf")
 ) -> list[Path]:
     """Write `fig` as out_dir/name.<format> for each format and return the paths written."""
     paths = []
     for file_format in formats:
-        path = _replace_atomically(
-            Path(out_dir),
-            f"{name}.{file_format}",
+        path = write_atomic(
+            Path(out_dir) / f"{name}.{file_format}",
             lambda target, file_format=file_format: fig.savefig(
                 target, format=file_format, bbox_inches="tight", dpi=150
             ),
@@ -69,12 +54,11 @@ def save_table(df: pd.DataFrame, out_dir: str | Path, name: str) -> list[Path]:
     """
     has_default_index = isinstance(df.index, pd.RangeIndex) and df.index.name is None
     keep_index = not has_default_index
-    csv_path = _replace_atomically(
-        Path(out_dir), f"{name}.csv", lambda target: df.to_csv(target, index=keep_index)
+    csv_path = write_atomic(
+        Path(out_dir) / f"{name}.csv", lambda target: df.to_csv(target, index=keep_index)
     )
-    markdown_path = _replace_atomically(
-        Path(out_dir),
-        f"{name}.md",
+    markdown_path = write_atomic(
+        Path(out_dir) / f"{name}.md",
         lambda target: target.write_text(df.to_markdown(index=keep_index) + "\n", encoding="utf-8"),
     )
     logger.info("Wrote table %s to %s and %s", name, csv_path, markdown_path)

@@ -17,7 +17,7 @@ ANSWER_PREFIX = "Answer: "
 
 
 class PromptStyle(str, Enum):
-    """How turns are rendered: through the tokenizer's chat template, or as plain text."""
+    """Rendering of the turns: the tokenizer's chat template, or plain text for base models."""
 
     CHAT = "chat"
     PLAIN = "plain"
@@ -53,8 +53,8 @@ def split_prompt(
 ) -> tuple[str, str]:
     """Render a few-shot prompt as (shared prefix, per-question suffix).
 
-    The prefix holds the system prompt and all exemplars, so it is identical for every question
-    asked under one prompt; the suffix holds the question and the cue for the reply. Their
+    The prefix contains the system prompt and all exemplars, so it is identical for every question
+    asked under one prompt; the suffix contains the question and the cue for the reply. Their
     concatenation is the full prompt.
     """
     if style is PromptStyle.PLAIN:

@@ -10,7 +10,13 @@ import pandas as pd
 from kp_utils.artifacts import RunLayout, read_json, write_json, write_parquet
 from kp_utils.config import StudyConfig
 from kp_utils.facts import build_fact_base, combine_facts, load_external_facts, load_triviaqa
-from kp_utils.labelling import ask_questions, select_exemplars, summarise_labels
+from kp_utils.labelling import (
+    SamplingSettings,
+    ask_questions,
+    ask_questions_sampled,
+    select_exemplars,
+    summarise_labels,
+)
 from kp_utils.prompts import PromptStyle
 
 logger = logging.getLogger(__name__)
@@ -40,7 +46,7 @@ def build_study_facts(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
     Returns:
         (facts, exemplar_pool). Facts are the embedded fact base (capped per relation), any
-        external file, and `data.n_triviaqa` TriviaQA questions. The exemplar pool holds other
+        external file, and `data.n_triviaqa` TriviaQA questions. The exemplar pool contains other
         TriviaQA questions, so no labelled question serves as its own exemplar.
     """
     data = config.data
@@ -74,24 +80,73 @@ def build_study_facts(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def label_base_model(
     config: StudyConfig, model, tokenizer, facts: pd.DataFrame, pool: pd.DataFrame
-) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+) -> tuple[pd.DataFrame, pd.DataFrame, list, pd.DataFrame | None]:
     """Ask every fact under the study's prompts and label it.
 
-    Returns (replies, labels, exemplar sets).
+    Returns (replies, labels, exemplar sets, sampled). `sampled` holds the sampled-reply counts
+    of the facts no greedy prompt got right (see `ask_questions_sampled`), or None when
+    `data.weakly_known_samples` is 0.
     """
     data = config.data
     exemplar_sets = select_exemplars(pool, data.n_prompts, data.n_shots, config.study.seed)
+    questions = facts[["fact_id", "question", "aliases"]]
     replies = ask_questions(
         model,
         tokenizer,
-        facts[["fact_id", "question", "aliases"]],
+        questions,
         exemplar_sets,
         PromptStyle(config.model.prompt_style),
         data.max_new_tokens,
         data.batch_size,
         config.study.show_progress,
     )
-    return replies, summarise_labels(replies, facts), exemplar_sets
+    sampled = None
+    if data.weakly_known_samples > 0:
+        sampled = sample_greedy_misses(config, model, tokenizer, questions, replies, exemplar_sets)
+    return replies, summarise_labels(replies, facts, sampled), exemplar_sets, sampled
+
+
+def sample_greedy_misses(
+    config: StudyConfig,
+    model,
+    tokenizer,
+    questions: pd.DataFrame,
+    replies: pd.DataFrame,
+    exemplar_sets: list,
+) -> pd.DataFrame:
+    """Sample replies for the questions no greedy prompt got right, the WeaklyKnown candidates.
+
+    The other questions are HighlyKnown or MaybeKnown whatever the samples say, so sampling
+    them would only cost time.
+    """
+    data = config.data
+    n_hits = replies.groupby("fact_id")["is_correct"].sum()
+    misses = questions[questions["fact_id"].map(n_hits).eq(0)]
+    logger.info(
+        "Sampling %d replies per prompt at temperature %g, top-k %d for %d of %d facts with no "
+        "greedy hit",
+        data.weakly_known_samples,
+        data.sampling_temperature,
+        data.sampling_top_k,
+        len(misses),
+        len(questions),
+    )
+    # NOTE: stage 03 relabels adapted models with greedy decoding only, so a WeaklyKnown fact
+    # that stays wrong under every greedy prompt becomes Unknown there and counts as a shift down.
+    sampling = SamplingSettings(
+        data.weakly_known_samples, data.sampling_temperature, data.sampling_top_k, config.study.seed
+    )
+    return ask_questions_sampled(
+        model,
+        tokenizer,
+        misses,
+        exemplar_sets,
+        PromptStyle(config.model.prompt_style),
+        sampling,
+        data.max_new_tokens,
+        data.batch_size,
+        config.study.show_progress,
+    )
 
 
 def data_fingerprint(config: StudyConfig) -> str:
@@ -105,13 +160,20 @@ def is_data_stage_done(config: StudyConfig) -> bool:
     return done.exists() and read_json(done).get("fingerprint") == data_fingerprint(config)
 
 
-def save_data_stage(config: StudyConfig, facts, pool, replies, labels, exemplar_sets) -> None:
-    """Write stage 01's tables, then its done marker last."""
+def save_data_stage(
+    config: StudyConfig, facts, pool, replies, labels, exemplar_sets, sampled=None
+) -> None:
+    """Write stage 01's tables, then its done marker last.
+
+    `sampled` (from `label_base_model`) goes to data/base_sampled.parquet when it is not None.
+    """
     layout = RunLayout(config.run_dir)
     write_parquet(facts, layout.facts_path)
     write_parquet(pool, layout.exemplar_pool_path)
     write_parquet(replies, layout.base_replies_path)
     write_parquet(labels, layout.base_labels_path)
+    if sampled is not None:
+        write_parquet(sampled, layout.data_dir / "base_sampled.parquet")
     write_json(
         [[vars(e) for e in exemplars] for exemplars in exemplar_sets],
         layout.data_dir / "exemplars.json",
@@ -148,6 +210,8 @@ def label_or_load(
     if is_data_stage_done(config):
         logger.info("Stage 01 already finished with these settings; loading its tables")
         return load_data_stage(config)
-    replies, labels, exemplar_sets = label_base_model(config, model, tokenizer, facts, pool)
-    save_data_stage(config, facts, pool, replies, labels, exemplar_sets)
+    replies, labels, exemplar_sets, sampled = label_base_model(
+        config, model, tokenizer, facts, pool
+    )
+    save_data_stage(config, facts, pool, replies, labels, exemplar_sets, sampled)
     return {"facts": facts, "pool": pool, "replies": replies, "labels": labels}

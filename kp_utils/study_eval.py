@@ -10,12 +10,22 @@ from tqdm.auto import tqdm
 
 from kp_utils import benchmarks, metrics
 from kp_utils.artifacts import RunLayout, read_json, write_csv, write_json, write_parquet
+from kp_utils.categories import CATEGORY_RULE_VERSION
 from kp_utils.config import StudyConfig
 from kp_utils.labelling import ask_questions, select_exemplars, summarise_labels
+from kp_utils.matching import MATCHING_VERSION
 from kp_utils.prompts import PromptStyle
 from kp_utils.training import load_adapter
 
 logger = logging.getLogger(__name__)
+
+# Every results row names the versions of the rules that produced its numbers.
+RESULT_VERSIONS = {
+    "category_rule_version": CATEGORY_RULE_VERSION,
+    "matching_version": MATCHING_VERSION,
+    "metrics_version": metrics.METRICS_VERSION,
+    "benchmark_version": benchmarks.BENCHMARK_VERSION,
+}
 
 
 def load_benchmark_sets(config: StudyConfig) -> dict[str, pd.DataFrame]:
@@ -136,7 +146,9 @@ def _compare_with_base(
         train_rows,
         train_facts,
         set(exploded["answer"]) if "answer" in exploded else set(),
+        exclude_fact_ids=set(train_rows["fact_id"]),
     )
+    tables["confidence_by_category"] = _confidence_table(base_labels, base_replies, labels, replies)
     measures = {
         "reliability": metrics.reliability(replies, trained_ids),
         "generalisation": float(heldout_replies["is_correct"].mean())
@@ -154,6 +166,13 @@ def _compare_with_base(
         ),
     }
     return measures, tables
+
+
+def _confidence_table(base_labels, base_replies, labels, replies) -> pd.DataFrame:
+    """Join the mean greedy-answer probability per category, base model against adapter."""
+    base = metrics.confidence_by_category(base_labels, base_replies).set_index("category")
+    adapted = metrics.confidence_by_category(labels, replies).set_index("category")
+    return base.join(adapted, lsuffix="_base", rsuffix="_adapted").reset_index()
 
 
 def _write_tables(out_dir: Path, tables: dict[str, pd.DataFrame]) -> None:
@@ -190,7 +209,7 @@ def evaluate_cell(config: StudyConfig, model, tokenizer, stage01: dict, cell: di
     _write_tables(out_dir, tables)
     for name, table in per_question.items():
         write_parquet(table, out_dir / f"benchmark_{name}.parquet")
-    row = {**cell, **measures}
+    row = {**cell, **measures, **RESULT_VERSIONS}
     for record in summary.to_dict("records"):
         name = record["name"]
         row.update(

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 def category_pools(facts: pd.DataFrame, labels: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split the labelled facts into the Unknown pool and the HighlyKnown pool.
 
-    The Unknown pool holds fact-base facts only, because TriviaQA questions have no paraphrase
+    The Unknown pool contains fact-base facts only, because TriviaQA questions have no paraphrase
     templates. The HighlyKnown pool lists fact-base facts first and TriviaQA facts after them.
     """
     merged = facts.merge(labels[["fact_id", "category"]], on="fact_id")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -43,6 +42,7 @@ import transformers
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from tqdm.auto import tqdm
 
+from kp_utils.artifacts import TEMP_MARK, write_atomic, write_json
 from kp_utils.categories import EXTRA_KIND_LABELS, SHORT_LABELS, ExtraKind, KnowledgeCategory
 from kp_utils.prompts import PromptStyle, format_training_text
 
@@ -59,7 +59,6 @@ LOSSES_FILE = "losses.csv"
 ADAPTER_DIR = "adapter"
 DONE_FILE = "done.json"
 _CELL_ENTRIES = {TRAIN_SET_FILE, CHECKPOINTS_DIR, EPOCHS_FILE, LOSSES_FILE, ADAPTER_DIR, DONE_FILE}
-_TEMP_MARK = ".tmp-"
 
 TRAIN_SET_COLUMNS = ["fact_id", "question", "answer", "is_extra", "extra_kind", "source_fact_id"]
 
@@ -360,46 +359,6 @@ def cell_key(
     return f"{slug}-{digest[:10]}"
 
 
-def _remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write a file or folder through `write(temporary_path)`, then rename it to `path`.
-
-    The temporary name is hidden and sits in the same folder, so the rename stays on one file
-    system. A run killed mid-write leaves only ".<name>.tmp-<pid>", never a file under the final
-    name. An existing folder at `path` is replaced.
-    """
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}{_TEMP_MARK}{os.getpid()}")
-    _remove_path(temporary)
-    try:
-        write(temporary)
-        if path.is_dir():
-            # os.replace cannot overwrite a non-empty folder.
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    finally:
-        _remove_path(temporary)
-    return path
-
-
-def _json_value(value):
-    # numpy and torch scalars from evaluation callbacks are not JSON types.
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"Cannot write {type(value).__name__} value {value!r} to JSON")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, default=_json_value)
-    write_atomic(path, lambda temporary: temporary.write_text(text + "\n"))
-
-
 def _write_csv(path: Path, records: list[dict]) -> None:
     frame = pd.DataFrame.from_records(records)
     write_atomic(path, lambda temporary: frame.to_csv(temporary, index=False))
@@ -436,7 +395,7 @@ def prepare_cell_dir(cell_dir: Path) -> None:
     if cell_dir.exists():
         entries = sorted(path.name for path in cell_dir.iterdir())
         unexpected = [
-            name for name in entries if name not in _CELL_ENTRIES and _TEMP_MARK not in name
+            name for name in entries if name not in _CELL_ENTRIES and TEMP_MARK not in name
         ]
         if unexpected:
             raise FileExistsError(
@@ -819,7 +778,7 @@ def train_adapter(
             seed,
             time.perf_counter() - started,
         )
-    _write_json(cell_dir / DONE_FILE, result)
+    write_json(result, cell_dir / DONE_FILE)
     logger.info(
         "Finished %s in %.1f s (%.0f tokens/s); adapter in %s",
         cell_dir.name,

@@ -1,6 +1,13 @@
 import pytest
+import torch
 
-from kp_utils.generation import generate_greedy, generate_naive, stop_token_ids
+from kp_utils.generation import (
+    _top_k_chooser,
+    generate_greedy,
+    generate_naive,
+    generate_sampled,
+    stop_token_ids,
+)
 from kp_utils.prompts import Exemplar, PromptStyle, encode_prompt
 
 EXEMPLARS = [
@@ -70,3 +77,120 @@ def test_stop_ids_newline_for_plain(tokenizer):
 def test_generation_empty_suffix_raises(tiny_model, tokenizer):
     with pytest.raises(ValueError, match="non-empty"):
         generate_greedy(tiny_model, tokenizer, [1, 2], [[]], 4, set())
+
+
+def sample(model, tokenizer, seed, top_k=40, batch_size=4, n_samples=3):
+    prefix, suffixes = encoded(tokenizer)
+    return generate_sampled(
+        model,
+        tokenizer,
+        prefix,
+        suffixes,
+        n_samples=n_samples,
+        temperature=0.5,
+        top_k=top_k,
+        max_new_tokens=6,
+        stops=set(),
+        seed=seed,
+        batch_size=batch_size,
+    )
+
+
+def token_ids(samples):
+    return [[reply.token_ids for reply in replies] for replies in samples]
+
+
+def test_sampled_shape_per_suffix(tiny_model, tokenizer):
+    samples = sample(tiny_model, tokenizer, seed=0)
+    assert len(samples) == len(QUESTIONS)
+    assert all(len(replies) == 3 for replies in samples)
+    assert all(len(reply.token_ids) == 6 for replies in samples for reply in replies)
+
+
+def test_sampled_same_seed_reproducible(tiny_model, tokenizer):
+    first = sample(tiny_model, tokenizer, seed=3)
+    second = sample(tiny_model, tokenizer, seed=3)
+    assert token_ids(first) == token_ids(second)
+
+
+def test_sampled_seeds_differ(tiny_model, tokenizer):
+    # The random model spreads its probability over the whole vocabulary, so two seeds that
+    # gave the same 15 samples of 6 tokens each would point to an ignored seed.
+    first = sample(tiny_model, tokenizer, seed=3)
+    second = sample(tiny_model, tokenizer, seed=4)
+    assert token_ids(first) != token_ids(second)
+
+
+def test_sampled_samples_of_one_suffix_differ(tiny_model, tokenizer):
+    samples = sample(tiny_model, tokenizer, seed=0)
+    assert len({reply.token_ids for reply in samples[0]}) > 1
+
+
+def test_sampled_independent_of_batch_size(tiny_model, tokenizer):
+    one = sample(tiny_model, tokenizer, seed=5, batch_size=1)
+    seven = sample(tiny_model, tokenizer, seed=5, batch_size=7)
+    assert token_ids(one) == token_ids(seven)
+
+
+def test_sampled_top_k_one_equals_greedy(tiny_model, tokenizer):
+    prefix, suffixes = encoded(tokenizer)
+    greedy = generate_greedy(tiny_model, tokenizer, prefix, suffixes, 6, set(), batch_size=4)
+    samples = sample(tiny_model, tokenizer, seed=0, top_k=1, batch_size=4)
+    for reply, replies in zip(greedy, samples):
+        assert [r.token_ids for r in replies] == [reply.token_ids] * 3
+        assert all(r.text == reply.text for r in replies)
+
+
+def test_sampled_stops_on_stop_token(tiny_model, tokenizer):
+    prefix, suffixes = encoded(tokenizer)
+    greedy = generate_greedy(tiny_model, tokenizer, prefix, suffixes[:1], 4, set())
+    first_token = greedy[0].token_ids[0]
+    (replies,) = generate_sampled(
+        tiny_model, tokenizer, prefix, suffixes[:1], 2, 0.5, 1, 4, {first_token}, seed=0
+    )
+    assert all(reply.token_ids == () for reply in replies)
+    assert all(reply.is_stopped for reply in replies)
+
+
+@pytest.mark.parametrize(
+    ("n_samples", "temperature", "top_k", "message"),
+    [
+        (0, 0.5, 40, "n_samples must be at least 1"),
+        (2, 0.0, 40, "temperature must be positive"),
+        (2, 0.5, 0, "top_k must be at least 1"),
+    ],
+)
+def test_sampled_invalid_setting_raises(
+    tiny_model, tokenizer, n_samples, temperature, top_k, message
+):
+    prefix, suffixes = encoded(tokenizer)
+    with pytest.raises(ValueError, match=message):
+        generate_sampled(
+            tiny_model, tokenizer, prefix, suffixes, n_samples, temperature, top_k, 4, set(), 0
+        )
+
+
+def chosen(log_probs, uniform, temperature, top_k):
+    choose = _top_k_chooser(torch.tensor([[uniform]]), temperature, top_k)
+    return int(choose(torch.tensor([log_probs]).log(), 0)[0])
+
+
+def test_top_k_chooser_inverse_cdf():
+    # Probabilities 0.5, 0.3, 0.2 give cumulative 0.5, 0.8, 1.0 at temperature 1.
+    probs = [0.2, 0.5, 0.3]  # token 1 is the most probable, then token 2, then token 0
+    assert chosen(probs, 0.1, 1.0, 3) == 1
+    assert chosen(probs, 0.6, 1.0, 3) == 2
+    assert chosen(probs, 0.9, 1.0, 3) == 0
+
+
+def test_top_k_chooser_drops_tail():
+    # With k=2 the kept 0.5 and 0.3 renormalise to 0.625 and 0.375, so token 0 never appears.
+    assert chosen([0.2, 0.5, 0.3], 0.9, 1.0, 2) == 2
+    assert chosen([0.2, 0.5, 0.3], 0.999, 1.0, 2) == 2
+
+
+def test_top_k_chooser_temperature_sharpens():
+    # At temperature 0.5 the weights become 0.25, 0.09, 0.04 (squares), so token 1 keeps
+    # 0.25 / 0.38 = 0.658 of the mass and a draw of 0.6 still picks it.
+    assert chosen([0.2, 0.5, 0.3], 0.6, 0.5, 3) == 1
+    assert chosen([0.2, 0.5, 0.3], 0.6, 1.0, 3) == 2

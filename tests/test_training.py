@@ -6,7 +6,6 @@ import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -33,7 +32,6 @@ from kp_utils.training import (
     load_adapter,
     prepare_cell_dir,
     train_adapter,
-    write_atomic,
 )
 
 
@@ -691,21 +689,3 @@ def test_prepare_foreign_dir_raises(tmp_path):
     with pytest.raises(FileExistsError, match="notes.txt"):
         prepare_cell_dir(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
-
-
-def test_write_atomic_failure_leaves_nothing(tmp_path):
-    def write_then_fail(path: Path) -> None:
-        path.write_text("partial")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        write_atomic(tmp_path / "epochs.csv", write_then_fail)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_write_atomic_replaces_folder(tmp_path):
-    target = tmp_path / "adapter"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
-    write_atomic(target, lambda path: (path.mkdir(), (path / "new.txt").write_text("new")))
-    assert sorted(item.name for item in target.iterdir()) == ["new.txt"]
