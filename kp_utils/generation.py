@@ -5,7 +5,8 @@ the few-shot prefix (system prompt plus exemplars). `generate_greedy` runs that 
 copies its key/value cache for each batch, and feeds only the per-question suffixes, left-padded
 between prefix and suffix. The attention mask hides the padding and explicit position ids keep
 each suffix contiguous with the prefix, so the logits equal those of the unpadded full prompt up
-to float rounding. Each sequence stops at its own stop token.
+to float rounding. Each sequence stops at its own stop token and then leaves the batch, with
+its rows of the cache, so the remaining rows run on without it.
 
 `generate_sampled` runs the same cached path but draws each token from the temperature-scaled
 top-k distribution, several samples per suffix. Each (seed, suffix position, sample index) has
@@ -20,8 +21,9 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,9 +55,10 @@ class SampledReply:
     is_stopped: bool  # False when max_new_tokens ran out before a stop token
 
 
-# Picks the next token of every row from the step's log-probabilities (B, V) and the step
-# number (0 for the first new token); returns token ids (B,).
-TokenChooser = Callable[[torch.Tensor, int], torch.Tensor]
+# A function that picks the next token of each of the R running rows. It takes the step's
+# log-probabilities (R, V), the step number (0 for the first new token) and the rows' indices in
+# the batch (R, on the CPU), and returns token ids (R).
+TokenChooser = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
 
 
 def stop_token_ids(tokenizer, stop_at_newline: bool) -> set[int]:
@@ -102,25 +105,25 @@ def _pad_suffixes(suffixes: list[list[int]], pad_id: int, prefix_len: int, devic
     return ids.to(device), mask.to(device), positions.to(device)
 
 
-def _choose_argmax(step_log_probs: torch.Tensor, step: int) -> torch.Tensor:
+def _choose_argmax(step_log_probs: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
     return step_log_probs.argmax(dim=-1)
 
 
 def _top_k_chooser(uniforms: torch.Tensor, temperature: float, top_k: int) -> TokenChooser:
     """Build a chooser that samples from the top-k tokens at `temperature`.
 
-    `uniforms` (B, max_new_tokens) holds one draw from [0, 1) per row and step. Inverse-CDF
+    `uniforms` (B, max_new_tokens) contains one draw from [0, 1) per row and step. Inverse-CDF
     sampling over the k tokens sorted by probability needs only that one number, so top_k=1
     always returns the argmax.
     """
 
-    def choose(step_log_probs: torch.Tensor, step: int) -> torch.Tensor:
+    def choose(step_log_probs: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
         k = min(top_k, step_log_probs.shape[-1])
-        top_log_probs, top_ids = step_log_probs.topk(k, dim=-1)  # both (B, k), best first
+        top_log_probs, top_ids = step_log_probs.topk(k, dim=-1)  # both (R, k), best first
         probs = torch.softmax(top_log_probs.double() / temperature, dim=-1)
         cdf = probs.cumsum(dim=-1)
-        targets = uniforms[:, step : step + 1].to(cdf.device) * cdf[:, -1:]
-        # Index of the first token whose cumulative probability exceeds the draw; the clamp
+        targets = uniforms[rows, step : step + 1].to(cdf.device) * cdf[:, -1:]
+        # Index of the first token whose cumulative probability exceeds the draw. The clamp
         # guards against rounding leaving the last cumulative value below the target.
         picks = (cdf <= targets).sum(dim=-1).clamp(max=k - 1)
         return top_ids.gather(-1, picks.unsqueeze(-1)).squeeze(-1)
@@ -137,15 +140,12 @@ def _decode_batch(
     positions,
     max_new_tokens: int,
     stops: set[int],
-    pad_id: int,
     choose: TokenChooser = _choose_argmax,
 ) -> list[tuple[list[int], float, bool]]:
     batch = ids.shape[0]
-    generated = [[] for _ in range(batch)]
-    log_probs = torch.zeros(batch, dtype=torch.float64)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    replies = [_Reply() for _ in range(batch)]
+    active = torch.arange(batch)  # batch rows still decoding, in the order of the cache rows
     name = cache_argument(model)
-    is_stopped = torch.zeros(batch, dtype=torch.bool)
     for step in range(max_new_tokens):
         # logits_to_keep=1 skips the vocabulary projection of every position but the last.
         out = model(
@@ -157,25 +157,43 @@ def _decode_batch(
             **{name: cache},
         )
         step_log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-        next_ids = choose(step_log_probs, step)
-        for row in range(batch):
-            if finished[row]:
-                continue
-            token = int(next_ids[row])
-            if token in stops:
-                finished[row] = is_stopped[row] = True
-            else:
-                generated[row].append(token)
-                log_probs[row] += float(step_log_probs[row, token])
-        if bool(finished.all()):
+        next_ids = choose(step_log_probs, step, active)
+        is_running = _record_step(replies, active, next_ids, step_log_probs, stops)
+        if not bool(is_running.any()):
             break
         cache = out[name]
-        ids = torch.where(finished.to(next_ids.device), pad_id, next_ids).unsqueeze(-1)
+        if not bool(is_running.all()):
+            # Dropping stopped rows from the batch and its cache saves their compute. One long
+            # reply would otherwise keep every row of the batch running to max_new_tokens.
+            keep = is_running.nonzero().squeeze(-1)
+            device_keep = keep.to(next_ids.device)
+            cache.batch_select_indices(device_keep)
+            active, next_ids = active[keep], next_ids[device_keep]
+            mask, positions = mask[device_keep], positions[device_keep]
+        ids = next_ids.unsqueeze(-1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         positions = positions[:, -1:] + 1
-    return [
-        (generated[r], float(torch.exp(log_probs[r])), bool(is_stopped[r])) for r in range(batch)
-    ]
+    return [(r.token_ids, math.exp(r.log_prob), r.is_stopped) for r in replies]
+
+
+@dataclass
+class _Reply:
+    token_ids: list[int] = field(default_factory=list)
+    log_prob: float = 0.0
+    is_stopped: bool = False
+
+
+def _record_step(replies, active, next_ids, step_log_probs, stops: set[int]) -> torch.Tensor:
+    """Append each active row's token, or mark the row stopped; return which rows go on."""
+    is_running = torch.ones(len(active), dtype=torch.bool)
+    for slot, (row, token) in enumerate(zip(active.tolist(), next_ids.tolist())):
+        if token in stops:
+            replies[row].is_stopped = True
+            is_running[slot] = False
+        else:
+            replies[row].token_ids.append(token)
+            replies[row].log_prob += float(step_log_probs[slot, token])
+    return is_running
 
 
 @torch.inference_mode()
@@ -196,8 +214,12 @@ def _generate_cached(
     `make_chooser(start, n_rows)` returns the token chooser for rows start .. start + n_rows - 1.
     Returns (new token ids, probability of those tokens, is_stopped) per row, in input order.
     """
-    if not prefix_ids or any(len(row) == 0 for row in rows):
-        raise ValueError("cached generation needs a non-empty prefix and non-empty suffixes")
+    n_empty = sum(len(row) == 0 for row in rows)
+    if not prefix_ids or n_empty:
+        raise ValueError(
+            f"cached generation needs a non-empty prefix and non-empty suffixes, got a "
+            f"{len(prefix_ids)}-token prefix and {n_empty} empty suffixes"
+        )
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix = model(
@@ -212,7 +234,7 @@ def _generate_cached(
         ids, mask, positions = _pad_suffixes(chunk, pad_id, len(prefix_ids), device)
         choose = make_chooser(start, len(chunk))
         decoded.extend(
-            _decode_batch(model, cache, ids, mask, positions, max_new_tokens, stops, pad_id, choose)
+            _decode_batch(model, cache, ids, mask, positions, max_new_tokens, stops, choose)
         )
     return decoded
 

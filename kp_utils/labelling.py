@@ -42,7 +42,7 @@ SAMPLED_COLUMNS = ["fact_id", "prompt_index", "n_samples", "n_correct_sampled", 
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """How `ask_questions_sampled` samples replies (see `kp_utils.generation.generate_sampled`)."""
+    """Settings of `ask_questions_sampled` (see `kp_utils.generation.generate_sampled`)."""
 
     n_samples: int  # sampled replies per question and prompt
     temperature: float
@@ -153,6 +153,7 @@ def ask_questions_sampled(
     for prompt_index, exemplars in enumerate(exemplar_sets):
         encoded = [encode_prompt(tokenizer, exemplars, q, style) for q in questions["question"]]
         suffixes = [suffix for _, suffix in encoded]
+        # Sorting by length keeps padding inside a batch small; the order is restored below.
         order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
         samples = generate_sampled(
             model,

@@ -83,7 +83,7 @@ def label_base_model(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list, pd.DataFrame | None]:
     """Ask every fact under the study's prompts and label it.
 
-    Returns (replies, labels, exemplar sets, sampled). `sampled` holds the sampled-reply counts
+    Returns (replies, labels, exemplar sets, sampled). `sampled` contains the sampled-reply counts
     of the facts no greedy prompt got right (see `ask_questions_sampled`), or None when
     `data.weakly_known_samples` is 0.
     """
@@ -116,8 +116,8 @@ def sample_greedy_misses(
 ) -> pd.DataFrame:
     """Sample replies for the questions no greedy prompt got right, the WeaklyKnown candidates.
 
-    The other questions are HighlyKnown or MaybeKnown whatever the samples say, so sampling
-    them would only cost time.
+    Samples cannot change the category of the other questions, which are HighlyKnown or
+    MaybeKnown, so sampling them would only cost time.
     """
     data = config.data
     n_hits = replies.groupby("fact_id")["is_correct"].sum()

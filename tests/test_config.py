@@ -93,3 +93,31 @@ def test_fingerprint_tracks_section_changes(tmp_path):
     second = load_config(write(tmp_path, MINIMAL + "  n_epochs: 3\n"))
     assert first.fingerprint("data") == second.fingerprint("data")
     assert first.fingerprint("train") != second.fingerprint("train")
+
+
+def test_params_weakly_known_off_by_default(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL))
+    assert config.data.weakly_known_samples == 0
+    assert config.data.sampling_temperature == 0.5
+    assert config.data.sampling_top_k == 40
+
+
+def test_params_weakly_known_samples_accepted(tmp_path):
+    text = MINIMAL + "data:\n  weakly_known_samples: 16\n  sampling_temperature: 1\n"
+    config = load_config(write(tmp_path, text))
+    assert config.data.weakly_known_samples == 16
+    assert isinstance(config.data.sampling_temperature, float)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("weakly_known_samples: -1", r"data.weakly_known_samples must be >= 0 .*got -1"),
+        ("sampling_temperature: 0", r"data.sampling_temperature must be > 0, got 0.0"),
+        ("sampling_temperature: -0.5", r"data.sampling_temperature must be > 0, got -0.5"),
+        ("sampling_top_k: 0", r"data.sampling_top_k must be >= 1, got 0"),
+    ],
+)
+def test_params_bad_sampling_raises(tmp_path, line, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, MINIMAL + f"data:\n  {line}\n"))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from kp_utils.generation import (
     _top_k_chooser,
@@ -33,6 +34,51 @@ def test_cached_matches_naive_generation(tiny_model, tokenizer):
     stops = stop_token_ids(tokenizer, stop_at_newline=False)
     cached = generate_greedy(tiny_model, tokenizer, prefix, suffixes, 8, stops, batch_size=3)
     naive = generate_naive(tiny_model, tokenizer, [prefix + s for s in suffixes], 8, stops)
+    assert [r.token_ids for r in cached] == [r.token_ids for r in naive]
+    for fast, slow in zip(cached, naive):
+        assert fast.prob == pytest.approx(slow.prob, rel=1e-4, abs=1e-9)
+
+
+@pytest.fixture()
+def untied_model(tokenizer):
+    """A tiny random Llama with untied input and output embeddings.
+
+    With tied embeddings a random model echoes the last prompt token, so every greedy reply is
+    the same repeated token. Untied, replies differ between questions after a few tokens.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def early_stops(replies):
+    """Pick a token that ends some replies after at least one token while another runs on."""
+    for reply in replies:
+        for token in reply.token_ids[1:]:
+            if any(token not in other.token_ids for other in replies):
+                return {token}
+    raise AssertionError("every reply holds the same tokens; no stop token splits them")
+
+
+def test_cached_matches_naive_with_early_stops(untied_model, tokenizer):
+    # Rows that stop leave the batch mid-decoding, and the rows left must still match the naive
+    # path.
+    prefix, suffixes = encoded(tokenizer)
+    free = generate_greedy(untied_model, tokenizer, prefix, suffixes, 6, set())
+    stops = early_stops(free)
+    cached = generate_greedy(untied_model, tokenizer, prefix, suffixes, 6, stops, batch_size=5)
+    naive = generate_naive(untied_model, tokenizer, [prefix + s for s in suffixes], 6, stops)
+    assert any(reply.is_stopped for reply in cached)
+    assert not all(reply.is_stopped for reply in cached)
     assert [r.token_ids for r in cached] == [r.token_ids for r in naive]
     for fast, slow in zip(cached, naive):
         assert fast.prob == pytest.approx(slow.prob, rel=1e-4, abs=1e-9)
@@ -132,13 +178,32 @@ def test_sampled_independent_of_batch_size(tiny_model, tokenizer):
     assert token_ids(one) == token_ids(seven)
 
 
-def test_sampled_top_k_one_equals_greedy(tiny_model, tokenizer):
+def test_sampled_with_stops_independent_of_batch_size(tiny_model, tokenizer):
+    # A token from inside one sample serves as stop token, so rows leave the batch at
+    # different steps and each remaining row must keep its own random draws.
     prefix, suffixes = encoded(tokenizer)
-    greedy = generate_greedy(tiny_model, tokenizer, prefix, suffixes, 6, set(), batch_size=4)
-    samples = sample(tiny_model, tokenizer, seed=0, top_k=1, batch_size=4)
+    free = sample(tiny_model, tokenizer, seed=5)
+    stops = early_stops([replies[0] for replies in free])
+    runs = [
+        generate_sampled(tiny_model, tokenizer, prefix, suffixes, 3, 0.5, 40, 6, stops, 5, size)
+        for size in (1, 7)
+    ]
+    assert any(reply.is_stopped for replies in runs[1] for reply in replies)
+    assert token_ids(runs[0]) == token_ids(runs[1])
+
+
+def test_sampled_top_k_one_equals_greedy(untied_model, tokenizer):
+    prefix, suffixes = encoded(tokenizer)
+    stops = early_stops(generate_greedy(untied_model, tokenizer, prefix, suffixes, 6, set()))
+    greedy = generate_greedy(untied_model, tokenizer, prefix, suffixes, 6, stops, batch_size=4)
+    samples = generate_sampled(
+        untied_model, tokenizer, prefix, suffixes, 3, 0.5, 1, 6, stops, seed=0, batch_size=4
+    )
+    assert len({reply.token_ids for reply in greedy}) > 1
     for reply, replies in zip(greedy, samples):
         assert [r.token_ids for r in replies] == [reply.token_ids] * 3
         assert all(r.text == reply.text for r in replies)
+        assert all(r.is_stopped == reply.is_stopped for r in replies)
 
 
 def test_sampled_stops_on_stop_token(tiny_model, tokenizer):
@@ -172,7 +237,7 @@ def test_sampled_invalid_setting_raises(
 
 def chosen(log_probs, uniform, temperature, top_k):
     choose = _top_k_chooser(torch.tensor([[uniform]]), temperature, top_k)
-    return int(choose(torch.tensor([log_probs]).log(), 0)[0])
+    return int(choose(torch.tensor([log_probs]).log(), 0, torch.tensor([0]))[0])
 
 
 def test_top_k_chooser_inverse_cdf():
