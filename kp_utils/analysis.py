@@ -75,6 +75,7 @@ def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
     if not run["epochs"].empty:
         fig = plotting.plot_reliability_by_epoch(run["epochs"])
         fig.axes[0].set_title(f"{model}: reliability on trained facts by epoch")
+        fig.axes[0].set_ylim(-0.02, 1.02)  # a share, so the full range keeps flat lines honest
         saved["figure2_reliability_by_epoch"] = plotting.save_figure(
             fig, out, "figure2_reliability_by_epoch", formats
         )

@@ -56,6 +56,10 @@ class DataSection:
     n_triviaqa: int = 0  # TriviaQA questions added as a second pool
     external_path: str | None = None  # CSV, JSONL or parquet with question/answer columns
     external_mode: str = "extend"  # "extend" the embedded base or "replace" it
+    external_question_column: str = "question"
+    external_answer_column: str = "answer"
+    external_aliases_column: str | None = None  # a list, a JSON list or "a|b|c"; None: answer only
+    external_relation_column: str | None = None  # None puts every row in relation "external"
     skip_invalid_rows: bool = False  # skip bad rows of the external file instead of failing
     n_heldout_templates: int = 1
     n_prompts: int = 10  # few-shot prompts per question (Pletenev et al., 2025: 10)

@@ -56,7 +56,12 @@ def build_study_facts(config: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     if data.external_path is not None:
         frames.append(
             load_external_facts(
-                config.resolve_path(data.external_path), skip_invalid=data.skip_invalid_rows
+                config.resolve_path(data.external_path),
+                question_column=data.external_question_column,
+                answer_column=data.external_answer_column,
+                aliases_column=data.external_aliases_column,
+                relation_column=data.external_relation_column,
+                skip_invalid=data.skip_invalid_rows,
             )
         )
     facts = cap_per_relation(combine_facts(frames), data.n_facts_per_relation, config.study.seed)
@@ -131,8 +136,6 @@ def sample_greedy_misses(
         len(misses),
         len(questions),
     )
-    # NOTE: stage 03 relabels adapted models with greedy decoding only, so a WeaklyKnown fact
-    # that stays wrong under every greedy prompt becomes Unknown there and counts as a shift down.
     sampling = SamplingSettings(
         data.weakly_known_samples, data.sampling_temperature, data.sampling_top_k, config.study.seed
     )

@@ -15,6 +15,7 @@ from kp_utils.config import StudyConfig
 from kp_utils.labelling import ask_questions, select_exemplars, summarise_labels
 from kp_utils.matching import MATCHING_VERSION
 from kp_utils.prompts import PromptStyle
+from kp_utils.study_data import sample_greedy_misses
 from kp_utils.training import load_adapter
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,18 @@ def measure_adapter(
         data.batch_size,
         config.study.show_progress,
     )
-    labels = summarise_labels(replies, facts)
+    sampled = None
+    if data.weakly_known_samples > 0:
+        # The same sampling as for the base model, so WeaklyKnown means the same on both sides.
+        sampled = sample_greedy_misses(
+            config,
+            model,
+            tokenizer,
+            facts[["fact_id", "question", "aliases"]],
+            replies,
+            exemplar_sets,
+        )
+    labels = summarise_labels(replies, facts, sampled)
     trained_ids = list(train_rows.loc[~train_rows["is_extra"], "fact_id"])
     heldout = _heldout_questions(facts, trained_ids)
     heldout_replies = ask_questions(
