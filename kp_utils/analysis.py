@@ -74,7 +74,8 @@ def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
     saved = {}
     if not run["epochs"].empty:
         fig = plotting.plot_reliability_by_epoch(run["epochs"])
-        fig.axes[0].set_title(f"{model}: reliability on trained facts by epoch")
+        n_prompts = config.train.epoch_eval_n_prompts or config.data.n_prompts
+        fig.axes[0].set_title(f"{model}: reliability by epoch ({n_prompts} prompt(s) per fact)")
         fig.axes[0].set_ylim(-0.02, 1.02)  # a share, so the full range keeps flat lines honest
         saved["figure2_reliability_by_epoch"] = plotting.save_figure(
             fig, out, "figure2_reliability_by_epoch", formats
@@ -92,12 +93,13 @@ def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
         ("positive_share", "positive shift"),
         ("negative_share", "negative shift"),
     ):
-        n_questions = int(results["n_questions"].iloc[0])
+        low, high = int(results["n_questions"].min()), int(results["n_questions"].max())
+        counted = f"{low}" if low == high else f"{low}-{high}"
         fig = plotting.plot_metric_vs_facts(
             results,
             column,
             f"Share of questions ({label})",
-            f"{model}: {label} (share of {n_questions} questions)",
+            f"{model}: {label} (share of {counted} questions, trained facts left out)",
             None,
         )
         saved[f"figure_{column}"] = plotting.save_figure(fig, out, f"figure_{column}", formats)
