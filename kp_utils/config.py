@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -269,6 +270,7 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
         "train.n_epochs and train.batch_size must be >= 1",
     )
     _check_data_fields(data, source)
+    _check_paths_and_scale(config, source)
     _require(
         config.eval.explode_ratio > 1,
         source,
@@ -283,6 +285,20 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
 
 
 def _check_data_fields(data: DataSection, source: str) -> None:
+    from kp_utils.facts import list_relations  # deferred: facts imports pandas and the wheels
+
+    unknown_relations = sorted(set(data.relations or []) - set(list_relations()))
+    _require(
+        not unknown_relations,
+        source,
+        f"data.relations has unknown {unknown_relations}; available: {list_relations()}",
+    )
+    _require(
+        data.n_facts_per_relation is None or data.n_facts_per_relation >= 1,
+        source,
+        f"data.n_facts_per_relation must be >= 1 or null, got {data.n_facts_per_relation}",
+    )
+    _require(data.n_triviaqa >= 0, source, f"data.n_triviaqa must be >= 0, got {data.n_triviaqa}")
     _require(data.n_prompts >= 1, source, f"data.n_prompts must be >= 1, got {data.n_prompts}")
     _require(data.n_shots >= 0, source, f"data.n_shots must be >= 0, got {data.n_shots}")
     _require(
@@ -311,6 +327,36 @@ def _check_data_fields(data: DataSection, source: str) -> None:
         source,
         f"data.sampling_top_k must be >= 1, got {data.sampling_top_k}",
     )
+
+
+def _check_paths_and_scale(config: StudyConfig, source: str) -> None:
+    model, data, train = config.model, config.data, config.train
+    _require(
+        re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", model.device) is not None,
+        source,
+        f"model.device must be auto, cpu, mps, cuda or cuda:N, got {model.device!r}",
+    )
+    _require(
+        train.learning_rate > 0,
+        source,
+        f"train.learning_rate must be > 0, got {train.learning_rate}",
+    )
+    if data.external_path is not None:
+        external = config.resolve_path(data.external_path)
+        _require(external.is_file(), source, f"data.external_path not found: {external}")
+    if data.external_path is None and data.n_facts_per_relation is not None:
+        # An upper bound only: the base model's labels decide the real Unknown pool in stage 02.
+        from kp_utils.facts import list_relations
+
+        n_relations = len(data.relations or list_relations())
+        most = n_relations * data.n_facts_per_relation
+        _require(
+            max(train.n_unknown) <= most,
+            source,
+            f"train.n_unknown asks for {max(train.n_unknown)} Unknown facts, but "
+            f"{n_relations} relations x data.n_facts_per_relation {data.n_facts_per_relation} "
+            f"give at most {most} facts; raise data.n_facts_per_relation or lower train.n_unknown",
+        )
 
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent

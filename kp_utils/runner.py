@@ -47,8 +47,8 @@ def run_notebook(source: Path, target: Path, params_path: Path, show_progress: b
         )
     except PapermillExecutionError as error:
         raise NotebookFailed(
-            f"Notebook {source.name} failed in cell {error.exec_count}: {error.ename}: "
-            f"{error.evalue}. The partly executed notebook is kept at {target}."
+            f"Notebook {source.name} failed in its code cell In [{error.exec_count}] with "
+            f"{error.ename}: {error.evalue}\nThe partly executed notebook is kept at {target}"
         ) from error
 
 

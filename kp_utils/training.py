@@ -209,6 +209,8 @@ def check_grid_feasible(
         raise ValueError(
             f"{len(problems)} training cells cannot be built from the fact pools:\n"
             + "\n".join(problems)
+            + "\nLower train.n_unknown or train.n_extra_per_unknown, or add facts with "
+            "data.n_facts_per_relation, data.n_triviaqa or data.external_path."
         )
 
 

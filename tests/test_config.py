@@ -121,3 +121,35 @@ def test_params_weakly_known_samples_accepted(tmp_path):
 def test_params_bad_sampling_raises(tmp_path, line, message):
     with pytest.raises(ConfigError, match=message):
         load_config(write(tmp_path, MINIMAL + f"data:\n  {line}\n"))
+
+
+def test_params_unknown_relation_raises(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.relations has unknown \['country_capitol'\]"):
+        load_config(write(tmp_path, MINIMAL + "data:\n  relations: [country_capitol]\n"))
+
+
+def test_params_negative_cap_raises(tmp_path):
+    with pytest.raises(ConfigError, match="data.n_facts_per_relation must be >= 1"):
+        load_config(write(tmp_path, MINIMAL + "data:\n  n_facts_per_relation: -3\n"))
+
+
+def test_params_bad_device_raises(tmp_path):
+    with pytest.raises(ConfigError, match="model.device must be auto, cpu, mps, cuda"):
+        load_config(write(tmp_path, MINIMAL + "model:\n  device: gpu\n"))
+
+
+def test_params_cuda_index_accepted(tmp_path):
+    assert load_config(write(tmp_path, MINIMAL + "model:\n  device: cuda:1\n")).model.device == (
+        "cuda:1"
+    )
+
+
+def test_params_missing_external_file_raises(tmp_path):
+    with pytest.raises(ConfigError, match="data.external_path not found"):
+        load_config(write(tmp_path, MINIMAL + f"data:\n  external_path: {tmp_path}/none.csv\n"))
+
+
+def test_params_grid_beyond_fact_cap_raises(tmp_path):
+    text = MINIMAL.replace("[1]", "[5000]") + "data:\n  n_facts_per_relation: 4\n"
+    with pytest.raises(ConfigError, match="asks for 5000 Unknown facts"):
+        load_config(write(tmp_path, text))

@@ -43,7 +43,7 @@ def test_failing_notebook_names_cell_and_keeps_output(tmp_path):
     with pytest.raises(NotebookFailed) as error:
         run_notebook(source, target, tmp_path / "given.yaml", show_progress=False)
     message = str(error.value)
-    assert "bad.ipynb failed in cell" in message
+    assert "bad.ipynb failed in its code cell In [" in message
     assert "RuntimeError" in message
     # The injected parameter reached the notebook: the error text carries the path passed in.
     assert "given.yaml" in message

@@ -13,8 +13,9 @@ def study_file(tmp_path, data_lines):
 
 
 def test_cap_per_relation_limits_and_warns(caplog):
-    facts = pd.DataFrame({"fact_id": [f"f{i}" for i in range(6)],
-                          "relation": ["a", "a", "a", "a", "b", "b"]})
+    facts = pd.DataFrame(
+        {"fact_id": [f"f{i}" for i in range(6)], "relation": ["a", "a", "a", "a", "b", "b"]}
+    )
     with caplog.at_level(logging.WARNING):
         kept = cap_per_relation(facts, 3, seed=0)
     assert kept["relation"].value_counts().to_dict() == {"a": 3, "b": 2}
@@ -28,12 +29,19 @@ def test_cap_per_relation_none_keeps_all():
 
 def test_external_replace_with_named_columns(tmp_path):
     csv = tmp_path / "dbpedia.csv"
-    pd.DataFrame({"q": ["Where was Ada Lovelace born?", "Who founded Rome?"],
-                  "a": ["London", "Romulus"], "alts": ["London|City of London", "Romulus"],
-                  "rel": ["birthPlace", "founder"]}).to_csv(csv, index=False)
-    lines = (f"  external_path: {csv}\n  external_mode: replace\n  external_question_column: q\n"
-             "  external_answer_column: a\n  external_aliases_column: alts\n"
-             "  external_relation_column: rel\n  n_triviaqa: 2\n")
+    pd.DataFrame(
+        {
+            "q": ["Where was Ada Lovelace born?", "Who founded Rome?"],
+            "a": ["London", "Romulus"],
+            "alts": ["London|City of London", "Romulus"],
+            "rel": ["birthPlace", "founder"],
+        }
+    ).to_csv(csv, index=False)
+    lines = (
+        f"  external_path: {csv}\n  external_mode: replace\n  external_question_column: q\n"
+        "  external_answer_column: a\n  external_aliases_column: alts\n"
+        "  external_relation_column: rel\n  n_triviaqa: 2\n"
+    )
     facts, pool = build_study_facts(load_config(study_file(tmp_path, lines)))
     external = facts[facts["relation"] != "triviaqa"]
     assert sorted(external["relation"]) == ["birthPlace", "founder"]
