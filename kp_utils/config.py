@@ -1,8 +1,8 @@
 """Study configuration: one YAML file describes a whole study, one section per notebook.
 
 `load_config` reads the file with `yaml.safe_load` and builds frozen dataclasses. Every section
-and key must be known, every field without a default must be present, and every value must have
-the annotated type; errors name the file, the key and the expected type. Defaults live only in
+and key must be known, and every field without a default must be present. Every value must have
+the annotated type, and errors name the file, the key and the expected type. Defaults live only in
 the dataclasses below. Relative paths in the file are resolved against the project root (see
 `find_project_root`).
 """
@@ -176,7 +176,7 @@ CHOICES = {
 
 
 class ConfigError(ValueError):
-    """A params file that is malformed, has unknown or missing keys, or holds invalid values."""
+    """A params file that is malformed, has unknown or missing keys, or contains invalid values."""
 
 
 def _type_name(annotation) -> str:
@@ -239,7 +239,23 @@ def _require(condition: bool, source: str, message: str) -> None:
 
 
 def _check_cross_fields(config: StudyConfig, source: str) -> None:
-    train, data = config.train, config.data
+    _check_train_fields(config.train, source)
+    _check_data_fields(config.data, source)
+    _check_paths_and_scale(config, source)
+    _require(
+        config.eval.explode_ratio > 1,
+        source,
+        f"eval.explode_ratio must be > 1, got {config.eval.explode_ratio}",
+    )
+    bad_formats = sorted(set(config.analysis.figure_formats) - {"png", "pdf", "svg"})
+    _require(
+        not bad_formats,
+        source,
+        f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg",
+    )
+
+
+def _check_train_fields(train: TrainSection, source: str) -> None:
     _require(bool(train.n_unknown), source, "train.n_unknown must list at least one count")
     _require(
         all(n >= 1 for n in train.n_unknown),
@@ -269,18 +285,10 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
         source,
         "train.n_epochs and train.batch_size must be >= 1",
     )
-    _check_data_fields(data, source)
-    _check_paths_and_scale(config, source)
     _require(
-        config.eval.explode_ratio > 1,
+        train.learning_rate > 0,
         source,
-        f"eval.explode_ratio must be > 1, got {config.eval.explode_ratio}",
-    )
-    bad_formats = sorted(set(config.analysis.figure_formats) - {"png", "pdf", "svg"})
-    _require(
-        not bad_formats,
-        source,
-        f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg",
+        f"train.learning_rate must be > 0, got {train.learning_rate}",
     )
 
 
@@ -336,11 +344,6 @@ def _check_paths_and_scale(config: StudyConfig, source: str) -> None:
         source,
         f"model.device must be auto, cpu, mps, cuda or cuda:N, got {model.device!r}",
     )
-    _require(
-        train.learning_rate > 0,
-        source,
-        f"train.learning_rate must be > 0, got {train.learning_rate}",
-    )
     if data.external_path is not None:
         external = config.resolve_path(data.external_path)
         _require(external.is_file(), source, f"data.external_path not found: {external}")
@@ -349,13 +352,14 @@ def _check_paths_and_scale(config: StudyConfig, source: str) -> None:
         from kp_utils.facts import list_relations
 
         n_relations = len(data.relations or list_relations())
-        most = n_relations * data.n_facts_per_relation
+        max_facts = n_relations * data.n_facts_per_relation
         _require(
-            max(train.n_unknown) <= most,
+            max(train.n_unknown) <= max_facts,
             source,
             f"train.n_unknown asks for {max(train.n_unknown)} Unknown facts, but "
             f"{n_relations} relations x data.n_facts_per_relation {data.n_facts_per_relation} "
-            f"give at most {most} facts; raise data.n_facts_per_relation or lower train.n_unknown",
+            f"give at most {max_facts} facts. Raise data.n_facts_per_relation or lower "
+            "train.n_unknown.",
         )
 
 
@@ -366,7 +370,7 @@ def find_project_root(start: Path) -> Path:
     """Return the nearest folder at or above `start` holding pyproject.toml.
 
     A params file outside any project (say, in a temporary folder) resolves its paths against
-    the checkout that holds this package instead.
+    the checkout that contains this package instead.
     """
     for folder in [start, *start.parents]:
         if (folder / "pyproject.toml").exists():

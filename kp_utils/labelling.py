@@ -13,6 +13,7 @@ correct sample WeaklyKnown (Gekhman et al., 2024).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,31 +93,18 @@ def ask_questions(
         One row per (fact_id, prompt_index) with the columns in REPLY_COLUMNS.
     """
     stops = stop_token_ids(tokenizer, stop_at_newline=style is PromptStyle.PLAIN)
-    frames = []
-    bar = tqdm(
-        total=len(questions) * len(exemplar_sets), desc="ask questions", disable=not show_progress
-    )
-    for prompt_index, exemplars in enumerate(exemplar_sets):
-        encoded = [encode_prompt(tokenizer, exemplars, q, style) for q in questions["question"]]
-        prefix_ids = encoded[0][0]
-        suffixes = [suffix for _, suffix in encoded]
-        # Sorting by length keeps padding inside a batch small; the order is restored below.
-        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-        replies = generate_greedy(
-            model,
-            tokenizer,
-            prefix_ids,
-            [suffixes[i] for i in order],
-            max_new_tokens,
-            stops,
-            batch_size,
+
+    def generate(prompt_index: int, prefix_ids: list[int], suffixes: list[list[int]]):
+        return generate_greedy(
+            model, tokenizer, prefix_ids, suffixes, max_new_tokens, stops, batch_size
         )
-        by_row = dict(zip(order, replies))
-        frames.append(
-            _score_replies(questions, [by_row[i] for i in range(len(suffixes))], prompt_index)
+
+    frames = [
+        _score_replies(questions, replies, prompt_index)
+        for prompt_index, replies in _generate_per_prompt(
+            tokenizer, questions, exemplar_sets, style, generate, "ask questions", show_progress
         )
-        bar.update(len(questions))
-    bar.close()
+    ]
     return pd.concat(frames, ignore_index=True)
 
 
@@ -146,20 +134,13 @@ def ask_questions_sampled(
     if questions.empty:
         return pd.DataFrame(columns=SAMPLED_COLUMNS)
     stops = stop_token_ids(tokenizer, stop_at_newline=style is PromptStyle.PLAIN)
-    frames = []
-    bar = tqdm(
-        total=len(questions) * len(exemplar_sets), desc="sample replies", disable=not show_progress
-    )
-    for prompt_index, exemplars in enumerate(exemplar_sets):
-        encoded = [encode_prompt(tokenizer, exemplars, q, style) for q in questions["question"]]
-        suffixes = [suffix for _, suffix in encoded]
-        # Sorting by length keeps padding inside a batch small; the order is restored below.
-        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
-        samples = generate_sampled(
+
+    def generate(prompt_index: int, prefix_ids: list[int], suffixes: list[list[int]]):
+        return generate_sampled(
             model,
             tokenizer,
-            encoded[0][0],
-            [suffixes[i] for i in order],
+            prefix_ids,
+            suffixes,
             sampling.n_samples,
             sampling.temperature,
             sampling.top_k,
@@ -168,13 +149,40 @@ def ask_questions_sampled(
             prompt_seed(sampling.seed, prompt_index),
             batch_size,
         )
-        by_row = dict(zip(order, samples))
-        frames.append(
-            _score_samples(questions, [by_row[i] for i in range(len(suffixes))], prompt_index)
+
+    frames = [
+        _score_samples(questions, samples, prompt_index)
+        for prompt_index, samples in _generate_per_prompt(
+            tokenizer, questions, exemplar_sets, style, generate, "sample replies", show_progress
         )
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def _generate_per_prompt(
+    tokenizer,
+    questions: pd.DataFrame,
+    exemplar_sets: list[list[Exemplar]],
+    style: PromptStyle,
+    generate: Callable[[int, list[int], list[list[int]]], list],
+    desc: str,
+    show_progress: bool,
+) -> Iterator[tuple[int, list]]:
+    """Yield (prompt index, one output per question in question order) for every prompt.
+
+    `generate(prompt_index, prefix_ids, suffixes)` receives the suffixes sorted by length, which
+    keeps padding inside a batch small; its outputs are put back in question order here.
+    """
+    bar = tqdm(total=len(questions) * len(exemplar_sets), desc=desc, disable=not show_progress)
+    for prompt_index, exemplars in enumerate(exemplar_sets):
+        encoded = [encode_prompt(tokenizer, exemplars, q, style) for q in questions["question"]]
+        suffixes = [suffix for _, suffix in encoded]
+        order = sorted(range(len(suffixes)), key=lambda i: len(suffixes[i]))
+        outputs = generate(prompt_index, encoded[0][0], [suffixes[i] for i in order])
+        by_row = dict(zip(order, outputs))
+        yield prompt_index, [by_row[i] for i in range(len(suffixes))]
         bar.update(len(questions))
     bar.close()
-    return pd.concat(frames, ignore_index=True)
 
 
 def prompt_seed(seed: int, prompt_index: int) -> int:

@@ -92,23 +92,53 @@ def label_base_model(
     of the facts no greedy prompt got right (see `ask_questions_sampled`), or None when
     `data.weakly_known_samples` is 0.
     """
-    data = config.data
-    exemplar_sets = select_exemplars(pool, data.n_prompts, data.n_shots, config.study.seed)
-    questions = facts[["fact_id", "question", "aliases"]]
-    replies = ask_questions(
+    exemplar_sets = study_exemplars(config, pool)
+    replies, labels, sampled = label_facts(config, model, tokenizer, facts, exemplar_sets)
+    return replies, labels, exemplar_sets, sampled
+
+
+def study_exemplars(config: StudyConfig, pool: pd.DataFrame) -> list:
+    """Draw the study's exemplar sets, the same for the base model, epoch probes and adapters."""
+    return select_exemplars(pool, config.data.n_prompts, config.data.n_shots, config.study.seed)
+
+
+def ask_study_questions(
+    config: StudyConfig,
+    model,
+    tokenizer,
+    questions: pd.DataFrame,
+    exemplar_sets: list,
+    show_progress: bool,
+) -> pd.DataFrame:
+    """Ask `questions` (fact_id, question, aliases) with the study's prompt style and budget."""
+    return ask_questions(
         model,
         tokenizer,
-        questions,
+        questions[["fact_id", "question", "aliases"]],
         exemplar_sets,
         PromptStyle(config.model.prompt_style),
-        data.max_new_tokens,
-        data.batch_size,
-        config.study.show_progress,
+        config.data.max_new_tokens,
+        config.data.batch_size,
+        show_progress,
+    )
+
+
+def label_facts(
+    config: StudyConfig, model, tokenizer, facts: pd.DataFrame, exemplar_sets: list
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Ask every fact, sample the greedy misses when WeaklyKnown is on, and label each fact.
+
+    Stage 01 runs this on the base model and stage 03 on every adapter, so both sides of a
+    knowledge shift come from the same procedure. Returns (replies, labels, sampled or None).
+    """
+    replies = ask_study_questions(
+        config, model, tokenizer, facts, exemplar_sets, config.study.show_progress
     )
     sampled = None
-    if data.weakly_known_samples > 0:
+    if config.data.weakly_known_samples > 0:
+        questions = facts[["fact_id", "question", "aliases"]]
         sampled = sample_greedy_misses(config, model, tokenizer, questions, replies, exemplar_sets)
-    return replies, summarise_labels(replies, facts, sampled), exemplar_sets, sampled
+    return replies, summarise_labels(replies, facts, sampled), sampled
 
 
 def sample_greedy_misses(

@@ -12,10 +12,8 @@ from kp_utils import benchmarks, metrics
 from kp_utils.artifacts import RunLayout, read_json, write_csv, write_json, write_parquet
 from kp_utils.categories import CATEGORY_RULE_VERSION
 from kp_utils.config import StudyConfig
-from kp_utils.labelling import ask_questions, select_exemplars, summarise_labels
 from kp_utils.matching import MATCHING_VERSION
-from kp_utils.prompts import PromptStyle
-from kp_utils.study_data import sample_greedy_misses
+from kp_utils.study_data import ask_study_questions, label_facts, study_exemplars
 from kp_utils.training import load_adapter
 
 logger = logging.getLogger(__name__)
@@ -100,36 +98,12 @@ def measure_adapter(
 
     Returns a flat dict of scalar measures and the tables behind them.
     """
-    facts, pool = stage01["facts"], stage01["pool"]
-    data, style = config.data, PromptStyle(config.model.prompt_style)
-    exemplar_sets = select_exemplars(pool, data.n_prompts, data.n_shots, config.study.seed)
-    replies = ask_questions(
-        model,
-        tokenizer,
-        facts[["fact_id", "question", "aliases"]],
-        exemplar_sets,
-        style,
-        data.max_new_tokens,
-        data.batch_size,
-        config.study.show_progress,
-    )
-    sampled = None
-    if data.weakly_known_samples > 0:
-        # The same sampling as for the base model, so WeaklyKnown means the same on both sides.
-        sampled = sample_greedy_misses(
-            config,
-            model,
-            tokenizer,
-            facts[["fact_id", "question", "aliases"]],
-            replies,
-            exemplar_sets,
-        )
-    labels = summarise_labels(replies, facts, sampled)
+    facts = stage01["facts"]
+    exemplar_sets = study_exemplars(config, stage01["pool"])
+    replies, labels, _ = label_facts(config, model, tokenizer, facts, exemplar_sets)
     trained_ids = list(train_rows.loc[~train_rows["is_extra"], "fact_id"])
     heldout = _heldout_questions(facts, trained_ids)
-    heldout_replies = ask_questions(
-        model, tokenizer, heldout, exemplar_sets, style, data.max_new_tokens, data.batch_size, False
-    )
+    heldout_replies = ask_study_questions(config, model, tokenizer, heldout, exemplar_sets, False)
     tables = {"replies": replies, "labels": labels, "heldout_replies": heldout_replies}
     return _compare_with_base(
         config, stage01, replies, labels, train_rows, trained_ids, heldout_replies, tables

@@ -11,9 +11,8 @@ from tqdm.auto import tqdm
 from kp_utils.artifacts import RunLayout, write_csv
 from kp_utils.categories import KnowledgeCategory
 from kp_utils.config import StudyConfig
-from kp_utils.labelling import ask_questions, select_exemplars
 from kp_utils.prompts import PromptStyle
-from kp_utils.study_data import TRIVIAQA_RELATION
+from kp_utils.study_data import TRIVIAQA_RELATION, ask_study_questions, study_exemplars
 from kp_utils.training import (
     build_training_set,
     cell_key,
@@ -21,7 +20,6 @@ from kp_utils.training import (
     check_grid_feasible,
     expand_grid,
     is_cell_done,
-    prepare_cell_dir,
     train_adapter,
 )
 
@@ -61,23 +59,12 @@ def make_reliability_probe(
 ):
     """Return a callback that measures reliability on a cell's Unknown facts after each epoch."""
     n_prompts = config.train.epoch_eval_n_prompts or config.data.n_prompts
-    exemplar_sets = select_exemplars(
-        pool, config.data.n_prompts, config.data.n_shots, config.study.seed
-    )[:n_prompts]
+    exemplar_sets = study_exemplars(config, pool)[:n_prompts]
     trained_ids = train_rows.loc[~train_rows["is_extra"], "fact_id"]
-    questions = facts[facts["fact_id"].isin(trained_ids)][["fact_id", "question", "aliases"]]
+    questions = facts[facts["fact_id"].isin(trained_ids)]
 
     def probe(model, epoch: int) -> dict:
-        replies = ask_questions(
-            model,
-            tokenizer,
-            questions,
-            exemplar_sets,
-            PromptStyle(config.model.prompt_style),
-            config.data.max_new_tokens,
-            config.data.batch_size,
-            show_progress=False,
-        )
+        replies = ask_study_questions(config, model, tokenizer, questions, exemplar_sets, False)
         reliability = float(replies["is_correct"].mean())
         logger.info(
             "Epoch %d: reliability %.3f on %d facts x %d prompts",
@@ -91,32 +78,37 @@ def make_reliability_probe(
     return probe
 
 
+def _index_row(key: str, cell) -> dict:
+    return {
+        "cell_key": key,
+        "label": cell_label(cell),
+        "n_unknown": cell.n_unknown,
+        "n_extra_per_unknown": cell.n_extra_per_unknown,
+        "extra_kind": cell.extra_kind.value if cell.extra_kind else "none",
+        "seed": cell.seed,
+    }
+
+
 def train_grid(config: StudyConfig, model, tokenizer, stage01: dict) -> pd.DataFrame:
     """Train every cell of the grid that has not finished yet; return the cell index table."""
     facts, labels, pool = stage01["facts"], stage01["labels"], stage01["pool"]
     unknown, highly_known = category_pools(facts, labels)
     cells = expand_grid(config.train)
     check_grid_feasible(cells, unknown, highly_known)
+
     layout = RunLayout(config.run_dir)
+    style = PromptStyle(config.model.prompt_style)
     fingerprint = facts_fingerprint(facts, labels)
     rows = []
     for cell in tqdm(cells, desc="grid cells", disable=not config.study.show_progress):
-        key = cell_key(cell, config.train, config.model.name_or_path, fingerprint)
+        key = cell_key(cell, config.train, config.model.name_or_path, fingerprint, style)
         cell_dir = layout.cell_dir(key)
-        rows.append(
-            {
-                "cell_key": key,
-                "label": cell_label(cell),
-                "n_unknown": cell.n_unknown,
-                "n_extra_per_unknown": cell.n_extra_per_unknown,
-                "extra_kind": cell.extra_kind.value if cell.extra_kind else "none",
-                "seed": cell.seed,
-            }
-        )
+        rows.append(_index_row(key, cell))
         if is_cell_done(cell_dir):
             logger.info("Cell %s already finished in %s; skipped", cell_label(cell), cell_dir)
             continue
-        prepare_cell_dir(cell_dir)
+
+        # train_adapter wipes an unfinished cell folder itself before writing into it.
         train_rows = build_training_set(cell, unknown, highly_known)
         probe = make_reliability_probe(config, tokenizer, facts, pool, train_rows)
         train_adapter(
@@ -125,11 +117,12 @@ def train_grid(config: StudyConfig, model, tokenizer, stage01: dict) -> pd.DataF
             train_rows,
             config.train,
             cell_dir,
-            PromptStyle(config.model.prompt_style),
+            style,
             evaluate_epoch=probe,
             seed=cell.seed,
             show_progress=config.study.show_progress,
         )
+
     index = pd.DataFrame(rows)
     write_csv(index, layout.cells_index_path)
     return index

@@ -25,8 +25,11 @@ def tokenizer(embedded_dir):
     return loaded
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
-    """Build a 2-layer Llama with hidden size 32: random weights, fixed by `seed`."""
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """Build a 2-layer Llama with hidden size 32: random weights, fixed by `seed`.
+
+    `overrides` are further LlamaConfig fields; the rest keep LlamaConfig's defaults.
+    """
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -35,8 +38,7 @@ def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
+        **overrides,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -44,4 +46,4 @@ def build_tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
 @pytest.fixture()
 def tiny_model(tokenizer):
     """A tiny random Llama over the embedded tokenizer's vocabulary."""
-    return build_tiny_llama(len(tokenizer))
+    return build_tiny_llama(len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True)

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kp_utils import benchmarks
+
+from .conftest import build_tiny_llama
 
 TRUTHFULQA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
 needs_truthfulqa = pytest.mark.skipif(
@@ -32,17 +33,7 @@ def model(tokenizer):
     With the default init (0.02) the four MMLU letters differ by about 1e-3 nats; 0.2 makes them
     differ by whole nats, so a wrong position or token would fail the comparisons clearly.
     """
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(len(tokenizer), initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from kp_utils.generation import (
     _top_k_chooser,
@@ -10,6 +9,8 @@ from kp_utils.generation import (
     stop_token_ids,
 )
 from kp_utils.prompts import Exemplar, PromptStyle, encode_prompt
+
+from .conftest import build_tiny_llama
 
 EXEMPLARS = [
     Exemplar("Who wrote Hamlet?", "William Shakespeare"),
@@ -46,18 +47,7 @@ def untied_model(tokenizer):
     With tied embeddings a random model echoes the last prompt token, so every greedy reply is
     the same repeated token. Untied, replies differ between questions after a few tokens.
     """
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(len(tokenizer), max_position_embeddings=512)
 
 
 def early_stops(replies):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 from kp_utils.models import materialise_embedded
 from kp_utils.prompts import PromptStyle, format_training_text
@@ -33,6 +33,8 @@ from kp_utils.training import (
     prepare_cell_dir,
     train_adapter,
 )
+
+from .conftest import build_tiny_llama
 
 
 @dataclass(frozen=True)
@@ -148,16 +150,7 @@ def tokenizer():
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return build_tiny_llama(len(tokenizer))
 
 
 @pytest.fixture
