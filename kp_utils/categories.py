@@ -16,7 +16,7 @@ CATEGORY_RULE_VERSION = 1
 
 
 class KnowledgeCategory(str, Enum):
-    """How well a model knows one fact, ordered from best to worst known."""
+    """Degree to which a model answers one fact correctly, ordered from best to worst known."""
 
     HIGHLY_KNOWN = "HighlyKnown"
     MAYBE_KNOWN = "MaybeKnown"

@@ -381,7 +381,7 @@ def shift_reasons(
     exploded = {normalize_text(answer) for answer in exploded_answers}
     trained_domains = set(train_facts["domain"].dropna())
 
-    # NOTE: a reason counts when it holds under any prompt of the fact. This aggregation over
+    # NOTE: a reason counts when it applies under any prompt of the fact. This aggregation over
     # prompts is our choice, because we found none stated for Table 5 of Pletenev et al. (2025).
     rows = []
     for base, adapted in REASON_SHIFTS:

@@ -70,6 +70,7 @@ def materialise_embedded(name: str) -> Path:
     if target.exists():
         logger.warning("Rebuilding %s: it still declares the GGUF quantization", target)
         shutil.rmtree(target)
+
     gguf_path = find_embedded_gguf(name)
     logger.info("Dequantising %s into %s (runs once per cache folder)", gguf_path, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -84,6 +85,7 @@ def materialise_embedded(name: str) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
+
     target.parent.mkdir(parents=True, exist_ok=True)
     # Each process writes its own temporary folder and renames it into place, so a killed run
     # leaves no half-written cache, and two processes dequantising at once do not collide.

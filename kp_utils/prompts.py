@@ -1,9 +1,9 @@
 """Prompt and training-text formats shared by labelling, training and evaluation.
 
-The format follows Pletenev et al. (2025), section 3: the system prompt "Answer the following
-question.", user turns "Question: ..." and assistant turns "Answer: ...". Chat models get their
-own chat template; base models (no template) get the same turns as plain text, one blank line
-between exemplars, and stop at the first newline of their reply.
+The format is that of the reproduced study (Pletenev et al., 2025): the system prompt "Answer
+the following question.", user turns "Question: ..." and assistant turns "Answer: ...". Chat
+models get their own chat template. Base models have no template, so they get the same turns as
+plain text, one blank line between exemplars, and their replies stop at the first newline.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def test_ci_facts_and_labels(ci_run):
     assert len(replies) == len(facts) * ci_run.data.n_prompts
     assert set(labels["fact_id"]) == set(facts["fact_id"])
     assert set(labels["category"]) <= {c.value for c in KnowledgeCategory}
-    # SmolLM2 knows some capitals, so not every fact can be Unknown.
+    # SmolLM2 names some capitals correctly, so not every fact can be Unknown.
     assert (labels["category"] != KnowledgeCategory.UNKNOWN.value).any()
 
 
