@@ -129,5 +129,12 @@ class RunLayout:
     def results_path(self) -> Path:
         return self.eval_dir / "results.csv"
 
+    @property
+    def failed_cells_path(self) -> Path:
+        return self.run_dir / "failed_cells.json"
+
+    def cell_log_path(self, key: str) -> Path:
+        return self.logs_dir / "cells" / f"{key}.log"
+
     def cell_dir(self, key: str) -> Path:
         return self.cells_dir / key

@@ -23,6 +23,8 @@ import yaml
 from kp_utils.categories import ExtraKind
 
 PAPER_TARGET_MODULES = ("down_proj", "gate_proj", "up_proj")
+PAPER_LORA_RANK = 1
+PAPER_LORA_ALPHA = 2.0
 EXTRA_KIND_VALUES = tuple(kind.value for kind in ExtraKind)
 
 
@@ -82,11 +84,19 @@ class TrainSection:
     n_extra_per_unknown: list[int] = field(default_factory=lambda: [0])
     extra_kinds: list[str] = field(default_factory=lambda: list(EXTRA_KIND_VALUES))
     seeds: list[int] = field(default_factory=lambda: [0])
-    lora_rank: int = 1
-    lora_alpha: float = 2.0
+    # The adapter axes below take one value or a list of values to sweep; `expand_grid`
+    # crosses them with n_unknown, the extras and the seeds.
+    lora_rank: int | list[int] = 1
+    lora_alpha: float | list[float] = 2.0
+    # When set, alpha is this ratio times each rank, and lora_alpha must be left out.
+    lora_alpha_per_rank: float | None = None
     lora_dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: list(PAPER_TARGET_MODULES))
-    layers: list[int] | None = None  # None adapts every layer
+    # One list of module names, or a list of such lists to sweep.
+    target_modules: list[str] | list[list[str]] = field(
+        default_factory=lambda: list(PAPER_TARGET_MODULES)
+    )
+    # One list of layer indices, or a list of lists (null inside one: every layer) to sweep.
+    layers: list[int] | list[list[int] | None] | None = None  # None adapts every layer
     learning_rate: float = 1e-3
     n_epochs: int = 10
     batch_size: int = 16
@@ -94,6 +104,8 @@ class TrainSection:
     loss_on_reply_only: bool = False  # False: loss over the whole sequence
     max_length: int = 128  # tokens per training example; longer ones are truncated
     epoch_eval_n_prompts: int | None = None  # prompts for per-epoch reliability; None: all
+    # Per-epoch reliability every this many epochs and after the last; 1 measures every epoch.
+    epoch_eval_every: int = 1
 
 
 @dataclass(frozen=True)
@@ -119,11 +131,34 @@ class AnalysisSection:
     """Notebook 04: figures and tables."""
 
     figure_formats: list[str] = field(default_factory=lambda: ["png", "pdf"])
+    # An adapter size has learned n facts when its reliability on them, averaged over seeds,
+    # reaches this share. The capacity threshold is the largest such n (see kp_utils.capacity).
+    capacity_min_reliability: float = 0.95
+    # Params files of other studies whose results join this one in the two-model comparison
+    # (Figure 5 of Pletenev et al., 2025). Run their notebooks 01-03 first.
+    compare_with: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ExecutorSection:
+    """Notebook 02: where the grid cells run. Leaving the section out keeps the local executor."""
+
+    # "local" trains the cells one after another in the notebook's process, and notebook 03
+    # evaluates them. "ray" sends each cell to a Ray cluster as one task that trains and then
+    # evaluates it, so notebook 03 only collects the results.
+    kind: str = "local"
+    # Ray cluster to join, e.g. "ray://head:10001" or "10.0.0.5:6379". None: $RAY_ADDRESS, and
+    # when that is unset too, a Ray instance started on this machine.
+    address: str | None = None
+    cpus_per_cell: int = 1  # CPUs a cell task requests; also its torch thread count
+    gpus_per_cell: float = 0.0  # GPUs a cell task requests; a fraction lets tasks share a GPU
+    max_retries: int = 2  # retries of a failed cell task, on any error, before it is reported
+    local_num_cpus: int | None = None  # CPUs of a Ray instance started here; None: all
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A whole study: the sections of notebooks 01 to 04 plus the study and model sections."""
+    """A whole study: the sections of notebooks 01 to 04, the study, model and executor."""
 
     study: StudySection
     model: ModelSection
@@ -131,6 +166,7 @@ class StudyConfig:
     train: TrainSection
     eval: EvalSection
     analysis: AnalysisSection
+    executor: ExecutorSection = field(default_factory=ExecutorSection)
     source_path: str = ""  # the params file this was read from
     project_root: str = ""
 
@@ -160,6 +196,35 @@ class StudyConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def sweep_values(value) -> list:
+    """Return the values of a field that takes one value or a list to sweep, as a list."""
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def module_sets(target_modules) -> list[tuple[str, ...]]:
+    """Return the module sets of `train.target_modules`: one list of names, or a list of lists."""
+    if all(isinstance(name, str) for name in target_modules):
+        return [tuple(target_modules)]
+    return [tuple(names) for names in target_modules]
+
+
+def layer_sets(layers) -> list[tuple[int, ...] | None]:
+    """Return the layer sets of `train.layers`, where None in the result means every layer."""
+    if layers is None:
+        return [None]
+    if all(isinstance(index, int) for index in layers):
+        return [tuple(layers)]
+    return [None if indices is None else tuple(indices) for indices in layers]
+
+
+def alpha_values(train, rank: int) -> list[float]:
+    """Return the LoRA alphas paired with `rank`: ratio x rank, or the lora_alpha values."""
+    ratio = getattr(train, "lora_alpha_per_rank", None)
+    if ratio is not None:
+        return [float(ratio) * rank]
+    return [float(alpha) for alpha in sweep_values(train.lora_alpha)]
+
+
 SECTIONS = {
     "study": StudySection,
     "model": ModelSection,
@@ -167,11 +232,13 @@ SECTIONS = {
     "train": TrainSection,
     "eval": EvalSection,
     "analysis": AnalysisSection,
+    "executor": ExecutorSection,
 }
 CHOICES = {
     ("model", "prompt_style"): ("chat", "plain"),
     ("model", "dtype"): ("auto", "float32", "bfloat16", "float16"),
     ("data", "external_mode"): ("extend", "replace"),
+    ("executor", "kind"): ("local", "ray"),
 }
 
 
@@ -229,8 +296,25 @@ def _build_section(name: str, cls, raw, source: str):
             raise ConfigError(
                 f"{source}: key '{name}.{key}' must be one of {allowed}, got {raw[key]!r}"
             )
-    values = {k: float(v) if hints[k] is float else v for k, v in raw.items()}
+    values = {key: _cast_floats(value, hints[key]) for key, value in raw.items()}
     return cls(**values)
+
+
+def _cast_floats(value, annotation):
+    """Turn YAML ints into floats where `annotation` is float, inside lists too.
+
+    So an alpha written as 2 and one written as 2.0 load as the same value.
+    """
+    if annotation is float:
+        return float(value)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        matching = [arg for arg in typing.get_args(annotation) if _matches(value, arg)]
+        return _cast_floats(value, matching[0]) if matching else value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        return [_cast_floats(item, item_type) for item in value]
+    return value
 
 
 def _require(condition: bool, source: str, message: str) -> None:
@@ -242,6 +326,7 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
     _check_train_fields(config.train, source)
     _check_data_fields(config.data, source)
     _check_paths_and_scale(config, source)
+    _check_executor_fields(config, source)
     _require(
         config.eval.explode_ratio > 1,
         source,
@@ -252,6 +337,12 @@ def _check_cross_fields(config: StudyConfig, source: str) -> None:
         not bad_formats,
         source,
         f"analysis.figure_formats has {bad_formats}; allowed: png, pdf, svg",
+    )
+    _require(
+        0 < config.analysis.capacity_min_reliability <= 1,
+        source,
+        "analysis.capacity_min_reliability must lie in (0, 1], "
+        f"got {config.analysis.capacity_min_reliability}",
     )
 
 
@@ -274,7 +365,7 @@ def _check_train_fields(train: TrainSection, source: str) -> None:
         f"train.extra_kinds has {bad_kinds}; allowed: {list(EXTRA_KIND_VALUES)}",
     )
     _require(bool(train.seeds), source, "train.seeds must list at least one seed")
-    _require(train.lora_rank >= 1, source, f"train.lora_rank must be >= 1, got {train.lora_rank}")
+    _check_adapter_axes(train, source)
     _require(
         0 <= train.lora_dropout < 1,
         source,
@@ -286,9 +377,105 @@ def _check_train_fields(train: TrainSection, source: str) -> None:
         "train.n_epochs and train.batch_size must be >= 1",
     )
     _require(
+        train.epoch_eval_every >= 1,
+        source,
+        f"train.epoch_eval_every must be >= 1, got {train.epoch_eval_every}",
+    )
+    _require(
         train.learning_rate > 0,
         source,
         f"train.learning_rate must be > 0, got {train.learning_rate}",
+    )
+
+
+def _check_adapter_axes(train: TrainSection, source: str) -> None:
+    ranks, alphas = sweep_values(train.lora_rank), sweep_values(train.lora_alpha)
+    _require(
+        bool(ranks) and all(rank >= 1 for rank in ranks),
+        source,
+        f"train.lora_rank must be an int >= 1 or a non-empty list of them, got {train.lora_rank}",
+    )
+    _require(
+        bool(alphas) and all(alpha > 0 for alpha in alphas),
+        source,
+        f"train.lora_alpha must be a number > 0 or a non-empty list of them, "
+        f"got {train.lora_alpha}",
+    )
+    _require(
+        train.lora_alpha_per_rank is None or train.lora_alpha_per_rank > 0,
+        source,
+        f"train.lora_alpha_per_rank must be > 0 or null, got {train.lora_alpha_per_rank}",
+    )
+    modules = module_sets(train.target_modules)
+    _require(
+        all(names and all(name.strip() for name in names) for names in modules),
+        source,
+        "train.target_modules must be a non-empty list of non-empty module names, or a list of "
+        f"such lists, got {train.target_modules}",
+    )
+    layers = layer_sets(train.layers)
+    _require(
+        all(indices is None or (indices and min(indices) >= 0) for indices in layers),
+        source,
+        "train.layers must be null, a non-empty list of layer indices >= 0, or a list of such "
+        f"lists (null inside it: every layer), got {train.layers}",
+    )
+
+
+def _check_alpha_keys(raw_train: dict, source: str) -> None:
+    # Both keys set would leave one silently unused, since the ratio decides every alpha.
+    _require(
+        not ("lora_alpha" in raw_train and raw_train.get("lora_alpha_per_rank") is not None),
+        source,
+        f"train.lora_alpha ({raw_train.get('lora_alpha')}) and train.lora_alpha_per_rank "
+        f"({raw_train.get('lora_alpha_per_rank')}) are both set; keep one: lora_alpha_per_rank "
+        "sets alpha = ratio x rank for every rank",
+    )
+
+
+def _check_executor_fields(config: StudyConfig, source: str) -> None:
+    executor = config.executor
+    _require(
+        executor.address is None or executor.address.strip() != "",
+        source,
+        "executor.address must be a Ray address such as 'ray://head:10001', or null",
+    )
+    _require(
+        executor.cpus_per_cell >= 1,
+        source,
+        f"executor.cpus_per_cell must be >= 1, got {executor.cpus_per_cell}",
+    )
+    _require(
+        executor.gpus_per_cell >= 0,
+        source,
+        f"executor.gpus_per_cell must be >= 0, got {executor.gpus_per_cell}",
+    )
+    _require(
+        executor.max_retries >= 0,
+        source,
+        f"executor.max_retries must be >= 0, got {executor.max_retries}",
+    )
+    # A Ray instance smaller than one task would leave every task waiting forever.
+    _require(
+        executor.local_num_cpus is None or executor.local_num_cpus >= executor.cpus_per_cell,
+        source,
+        f"executor.local_num_cpus ({executor.local_num_cpus}) must be null or at least "
+        f"executor.cpus_per_cell ({executor.cpus_per_cell})",
+    )
+    if executor.kind != "ray":
+        return
+    # Ray shows a task only the GPUs it requested, renumbered from cuda:0.
+    _require(
+        re.fullmatch(r"cuda:\d+", config.model.device) is None,
+        source,
+        f"model.device {config.model.device!r} cannot be used with executor.kind 'ray', which "
+        "assigns the GPUs itself; use auto or cuda",
+    )
+    _require(
+        config.model.device != "cuda" or executor.gpus_per_cell > 0,
+        source,
+        "model.device 'cuda' with executor.kind 'ray' needs executor.gpus_per_cell > 0, "
+        "because Ray hides the GPUs from tasks that request none",
     )
 
 
@@ -344,6 +531,13 @@ def _check_paths_and_scale(config: StudyConfig, source: str) -> None:
         source,
         f"model.device must be auto, cpu, mps, cuda or cuda:N, got {model.device!r}",
     )
+    for other in config.analysis.compare_with:
+        _require(
+            config.resolve_path(other).is_file(),
+            source,
+            f"analysis.compare_with names {other!r}, but {config.resolve_path(other)} "
+            "is not a file",
+        )
     if data.external_path is not None:
         external = config.resolve_path(data.external_path)
         _require(external.is_file(), source, f"data.external_path not found: {external}")
@@ -403,8 +597,28 @@ def load_config(params_path: str | Path) -> StudyConfig:
         name: _build_section(name, cls, raw.get(name) or {}, source)
         for name, cls in SECTIONS.items()
     }
+    _check_alpha_keys(raw["train"], source)
     config = StudyConfig(
         **sections, source_path=source, project_root=str(find_project_root(path.parent))
     )
     _check_cross_fields(config, source)
     return config
+
+
+def config_from_dict(data: dict) -> StudyConfig:
+    """Rebuild a config from the output of `StudyConfig.to_dict`, e.g. on a Ray worker.
+
+    Each section's keys and types are checked again. The cross-field checks are not, because
+    they ran when the params file was loaded and some of them look for files that only the
+    machine that loaded it may have.
+    """
+    source = data.get("source_path") or "config dict"
+    sections = {
+        name: _build_section(name, cls, data.get(name) or {}, source)
+        for name, cls in SECTIONS.items()
+    }
+    return StudyConfig(
+        **sections,
+        source_path=data.get("source_path", ""),
+        project_root=data.get("project_root", ""),
+    )

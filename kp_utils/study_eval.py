@@ -181,11 +181,16 @@ def evaluate_base(config: StudyConfig, model, tokenizer, sets) -> pd.DataFrame:
     return summary
 
 
+def is_cell_evaluated(cell_dir: Path) -> bool:
+    """Tell whether a cell's evaluation finished, i.e. <cell>/eval/done.json exists."""
+    return (Path(cell_dir) / "eval" / "done.json").exists()
+
+
 def evaluate_cell(config: StudyConfig, model, tokenizer, stage01: dict, cell: dict, sets) -> dict:
     """Evaluate one trained cell, or read its finished evaluation; return its results row."""
     cell_dir = RunLayout(config.run_dir).cell_dir(cell["cell_key"])
     out_dir = cell_dir / "eval"
-    if (out_dir / "done.json").exists():
+    if is_cell_evaluated(cell_dir):
         return read_json(out_dir / "done.json")
     train_rows = pd.read_parquet(cell_dir / "train_set.parquet")
     adapted = load_adapter(model, cell_dir / "adapter")
@@ -223,6 +228,10 @@ def evaluate_grid(
         )
     ]
     results = pd.DataFrame(rows)
+    # done.json stores its keys sorted, so a row read back from it and a row just computed list
+    # their columns in different orders. Fix one order: the cells.csv columns, then by name.
+    measures = sorted(set(results.columns) - set(cells.columns))
+    results = results[[column for column in cells.columns if column in results] + measures]
     layout = RunLayout(config.run_dir)
     write_csv(results, layout.results_path)
     logger.info(

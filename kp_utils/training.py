@@ -2,7 +2,8 @@
 
 A grid cell fixes the number of Unknown facts, the number of extra examples per Unknown fact,
 the kind of those extras (paraphrases of the same question, or HighlyKnown facts added as
-unrelated filler) and the seed. Each cell trains in its own folder, named by `cell_key`:
+unrelated filler), the seed and the adapter size (LoRA rank, alpha, target modules and layers).
+Each cell trains in its own folder, named by `cell_key`:
 
     <cell_dir>/train_set.parquet          the rows trained on (written first)
     <cell_dir>/checkpoints/epoch_NN/      adapter after epoch NN (1-based), safetensors
@@ -23,6 +24,7 @@ older code are not reused. Version 1: first implementation.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -44,6 +46,15 @@ from tqdm.auto import tqdm
 
 from kp_utils.artifacts import TEMP_MARK, write_atomic, write_json
 from kp_utils.categories import EXTRA_KIND_LABELS, SHORT_LABELS, ExtraKind, KnowledgeCategory
+from kp_utils.config import (
+    PAPER_LORA_ALPHA,
+    PAPER_LORA_RANK,
+    PAPER_TARGET_MODULES,
+    alpha_values,
+    layer_sets,
+    module_sets,
+    sweep_values,
+)
 from kp_utils.prompts import PromptStyle, format_training_text
 
 logger = logging.getLogger(__name__)
@@ -74,14 +85,22 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainingCell:
-    """One point of the training grid. `extra_kind` is None exactly when there are no extras."""
+    """One point of the training grid. `extra_kind` is None exactly when there are no extras.
+
+    The adapter fields default to the paper's recipe; `layers` None adapts every layer.
+    """
 
     n_unknown: int
     n_extra_per_unknown: int
     extra_kind: ExtraKind | None
     seed: int
+    lora_rank: int = PAPER_LORA_RANK
+    lora_alpha: float = PAPER_LORA_ALPHA
+    target_modules: tuple[str, ...] = PAPER_TARGET_MODULES
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        self._check_adapter_fields()
         if self.n_unknown < 1:
             raise ValueError(f"n_unknown must be at least 1, got {self.n_unknown}")
         if self.n_extra_per_unknown < 0:
@@ -101,12 +120,59 @@ class TrainingCell:
             # Frozen dataclass: coerce "paraphrase" to ExtraKind.PARAPHRASE in place.
             object.__setattr__(self, "extra_kind", ExtraKind(self.extra_kind))
 
+    def _check_adapter_fields(self) -> None:
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be at least 1, got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be above 0, got {self.lora_alpha}")
+        if not self.target_modules or not all(self.target_modules):
+            raise ValueError(
+                f"target_modules must list at least one non-empty name, got {self.target_modules}"
+            )
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(
+                f"layers must be None (every layer) or indices >= 0, got {self.layers}"
+            )
+        # Casts keep equal cells equal: 2 and 2.0 from YAML, or a list and a tuple of names.
+        object.__setattr__(self, "lora_rank", int(self.lora_rank))
+        object.__setattr__(self, "lora_alpha", float(self.lora_alpha))
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(int(index) for index in self.layers))
+
+    @property
+    def is_paper_adapter(self) -> bool:
+        """Whether the adapter fields are the paper's: rank 1, alpha 2, MLP modules, all layers."""
+        return (
+            self.lora_rank == PAPER_LORA_RANK
+            and self.lora_alpha == PAPER_LORA_ALPHA
+            and self.target_modules == PAPER_TARGET_MODULES
+            and self.layers is None
+        )
+
+
+def _adapter_sizes(train_cfg) -> list[dict]:
+    """List the adapter fields of every swept adapter size, in config order."""
+    return [
+        {
+            "lora_rank": int(rank),
+            "lora_alpha": alpha,
+            "target_modules": modules,
+            "layers": layers,
+        }
+        for modules in module_sets(train_cfg.target_modules)
+        for layers in layer_sets(train_cfg.layers)
+        for rank in sweep_values(train_cfg.lora_rank)
+        for alpha in alpha_values(train_cfg, int(rank))
+    ]
+
 
 def expand_grid(train_cfg) -> list[TrainingCell]:
     """Expand the grid lists of a TrainConfig into cells, in config order.
 
-    Cells without extras appear once per (n_unknown, seed), not once per extra kind. Repeated
-    values in the config lists give one cell.
+    The grid is the product of the adapter sizes (target module sets x layer sets x ranks x
+    alphas), n_unknown, the extras and the seeds. Cells without extras appear once per
+    (adapter size, n_unknown, seed), not once per extra kind. Repeated values give one cell.
     """
     allowed = [kind.value for kind in ExtraKind]
     invalid = [value for value in train_cfg.extra_kinds if value not in allowed]
@@ -119,20 +185,80 @@ def expand_grid(train_cfg) -> list[TrainingCell]:
             f"({list(train_cfg.n_extra_per_unknown)}). Add a kind or use only 0."
         )
     cells = []
-    for n_unknown in train_cfg.n_unknown:
-        for n_extra in train_cfg.n_extra_per_unknown:
-            for kind in kinds if n_extra > 0 else [None]:
-                for seed in train_cfg.seeds:
-                    cells.append(TrainingCell(n_unknown, n_extra, kind, seed))
+    for adapter in _adapter_sizes(train_cfg):
+        for n_unknown in train_cfg.n_unknown:
+            for n_extra in train_cfg.n_extra_per_unknown:
+                for kind in kinds if n_extra > 0 else [None]:
+                    for seed in train_cfg.seeds:
+                        cells.append(TrainingCell(n_unknown, n_extra, kind, seed, **adapter))
     return list(dict.fromkeys(cells))
 
 
+def cell_train_config(train_cfg, cell: TrainingCell):
+    """Return `train_cfg` with the cell's adapter fields as single values.
+
+    `train_cfg` is a dataclass with the TrainConfig fields, possibly sweeping the adapter axes.
+    The copy has the cell's rank, alpha, module list and layer list, and no alpha-per-rank
+    ratio, so `cell_key` and `train_adapter` see exactly the adapter that the cell trains.
+    """
+    changes = {
+        "lora_rank": cell.lora_rank,
+        "lora_alpha": cell.lora_alpha,
+        "target_modules": list(cell.target_modules),
+        "layers": None if cell.layers is None else list(cell.layers),
+    }
+    if hasattr(train_cfg, "lora_alpha_per_rank"):
+        changes["lora_alpha_per_rank"] = None
+    return dataclasses.replace(train_cfg, **changes)
+
+
+def format_layers(layers: tuple[int, ...] | None) -> str:
+    """Write a layer set as text: "all", or runs of consecutive indices such as "0+26-29"."""
+    if layers is None:
+        return "all"
+    runs: list[list[int]] = []
+    for index in sorted(set(layers)):
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return "+".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
+def adapter_label(cell: TrainingCell) -> str:
+    """Return the adapter size as text, e.g. "r8-a16-down_proj-L26-29".
+
+    Rank, alpha and the module names always appear (joined by "+"); layers only when the
+    adapter leaves some out.
+    """
+    label = f"r{cell.lora_rank}-a{cell.lora_alpha:g}-{'+'.join(cell.target_modules)}"
+    if cell.layers is not None:
+        label += f"-L{format_layers(cell.layers)}"
+    return label
+
+
+def _adapter_suffix(cell: TrainingCell) -> str:
+    """Name only the adapter fields that differ from the paper's, to keep labels short."""
+    parts = []
+    if (cell.lora_rank, cell.lora_alpha) != (PAPER_LORA_RANK, PAPER_LORA_ALPHA):
+        parts.append(f"r{cell.lora_rank}-a{cell.lora_alpha:g}")
+    if cell.target_modules != PAPER_TARGET_MODULES:
+        parts.append("+".join(cell.target_modules))
+    if cell.layers is not None:
+        parts.append(f"L{format_layers(cell.layers)}")
+    return "".join(f"-{part}" for part in parts)
+
+
 def cell_label(cell: TrainingCell) -> str:
-    """Return a human label such as "UK50+HK1 s0", "UK50+Para3 s1" or "UK50 s0"."""
+    """Return a human label such as "UK50+HK1 s0", "UK50+Para3 s1" or "UK50 s0".
+
+    An adapter other than the paper's adds the fields that differ, as in
+    "UK50-r8-a16-down_proj-L26-29 s0".
+    """
     label = f"{SHORT_LABELS[KnowledgeCategory.UNKNOWN]}{cell.n_unknown}"
     if cell.extra_kind is not None:
         label += f"+{EXTRA_KIND_LABELS[cell.extra_kind]}{cell.n_extra_per_unknown}"
-    return f"{label} s{cell.seed}"
+    return f"{label}{_adapter_suffix(cell)} s{cell.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,11 +436,15 @@ def build_training_set(
 
 
 def _train_fields(train_cfg) -> dict:
-    # Numbers are cast, so that an int 2 and a float 2.0 from YAML give the same key.
-    fields = {name: int(getattr(train_cfg, name)) for name in _INT_FIELDS}
-    fields |= {name: float(getattr(train_cfg, name)) for name in _FLOAT_FIELDS}
-    fields["target_modules"] = list(train_cfg.target_modules)
-    fields["layers"] = None if train_cfg.layers is None else [int(i) for i in train_cfg.layers]
+    _require_single_adapter(train_cfg)
+    # Numbers are cast, so that an int 2 and a float 2.0 from YAML give the same key. A
+    # one-item list of ranks or alphas gives the same key as the bare value.
+    fields = {name: int(sweep_values(getattr(train_cfg, name))[0]) for name in _INT_FIELDS}
+    fields |= {name: float(sweep_values(getattr(train_cfg, name))[0]) for name in _FLOAT_FIELDS}
+    (modules,) = module_sets(train_cfg.target_modules)
+    (layers,) = layer_sets(train_cfg.layers)
+    fields["target_modules"] = list(modules)
+    fields["layers"] = None if layers is None else [int(i) for i in layers]
     fields["loss_on_reply_only"] = bool(train_cfg.loss_on_reply_only)
     return fields
 
@@ -326,7 +456,11 @@ def describe_cell_config(
     facts_fingerprint: str,
     prompt_style: PromptStyle | str | None = None,
 ) -> dict:
-    """Collect everything that decides what a cell's adapter learns, as JSON-ready values."""
+    """Collect everything that decides what a cell's adapter learns, as JSON-ready values.
+
+    The adapter fields come from the cell (see `cell_train_config`), the rest from `train_cfg`.
+    """
+    train_cfg = cell_train_config(train_cfg, cell)
     return {
         "training_code_version": TRAINING_CODE_VERSION,
         "cell": {
@@ -351,9 +485,11 @@ def cell_key(
 ) -> str:
     """Return the cell's folder name: its label slug plus 10 hex digits of a sha256 hash.
 
-    The hash covers the cell, every LoRA and optimiser field of `train_cfg`, the model name,
-    the fact-set fingerprint, the prompt style and TRAINING_CODE_VERSION, so changing any of
-    them gives a new folder. Example: "uk50-hk1-s0-3f9a0c2b1d".
+    The hash covers the cell, every LoRA and optimiser field of `train_cfg` (with the cell's
+    adapter fields), the model name, the fact-set fingerprint, the prompt style and
+    TRAINING_CODE_VERSION, so changing any of them gives a new folder. Example:
+    "uk50-hk1-s0-3f9a0c2b1d". A paper-recipe cell keeps the key it had before adapter sizes
+    became grid axes, because its label and its hashed fields are unchanged.
     """
     payload = describe_cell_config(cell, train_cfg, model_name, facts_fingerprint, prompt_style)
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -514,16 +650,40 @@ def _batches(
 # Training loop
 
 
+def _require_single_adapter(train_cfg) -> None:
+    counts = {
+        "lora_rank": len(sweep_values(train_cfg.lora_rank)),
+        "lora_alpha": len(sweep_values(train_cfg.lora_alpha)),
+        "target_modules": len(module_sets(train_cfg.target_modules)),
+        "layers": len(layer_sets(train_cfg.layers)),
+    }
+    problems = [f"{name} has {count} values" for name, count in counts.items() if count != 1]
+    ratio = getattr(train_cfg, "lora_alpha_per_rank", None)
+    if ratio is not None:
+        problems.append(f"lora_alpha_per_rank is {ratio} instead of None")
+    if problems:
+        raise ValueError(
+            f"One adapter needs single adapter values, but {'; '.join(problems)}. Pass "
+            "cell_train_config(train_cfg, cell) instead of the grid's train config."
+        )
+
+
 def build_lora_config(train_cfg) -> LoraConfig:
-    """Build the peft LoraConfig from a TrainConfig. `layers` None adapts every layer."""
-    layers = None if train_cfg.layers is None else [int(i) for i in train_cfg.layers]
+    """Build the peft LoraConfig from a TrainConfig with single adapter values.
+
+    `layers` None adapts every layer. Raises ValueError when `train_cfg` still sweeps an
+    adapter axis.
+    """
+    _require_single_adapter(train_cfg)
+    (modules,) = module_sets(train_cfg.target_modules)
+    (layers,) = layer_sets(train_cfg.layers)
     return LoraConfig(
         task_type=TaskType.CAUSAL_LM,
-        r=int(train_cfg.lora_rank),
-        lora_alpha=float(train_cfg.lora_alpha),
+        r=int(sweep_values(train_cfg.lora_rank)[0]),
+        lora_alpha=float(sweep_values(train_cfg.lora_alpha)[0]),
         lora_dropout=float(train_cfg.lora_dropout),
-        target_modules=list(train_cfg.target_modules),
-        layers_to_transform=layers,
+        target_modules=list(modules),
+        layers_to_transform=None if layers is None else list(layers),
         bias="none",
     )
 

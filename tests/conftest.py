@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from kp_utils.config import load_config
 from kp_utils.models import materialise_embedded
+from kp_utils.runner import run_study
 
 EMBEDDED = "smollm2-135m-instruct"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ci_run(tmp_path_factory):
+    """Run the ci study once per session into a temporary folder and return its config."""
+    folder = tmp_path_factory.mktemp("ci_study")
+    params = yaml.safe_load((ROOT / "params" / "ci.yaml").read_text())
+    params["study"]["run_root"] = str(folder / "runs")
+    params["study"]["figures_root"] = str(folder / "figures")
+    path = folder / "ci.yaml"
+    path.write_text(yaml.safe_dump(params))
+    run_study(path)
+    return load_config(path)
 
 
 @pytest.fixture(scope="session")

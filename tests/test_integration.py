@@ -1,31 +1,14 @@
 """End-to-end run of the four notebooks on params/ci.yaml with the real embedded model."""
 
-from pathlib import Path
-
 import pandas as pd
 import pytest
-import yaml
 
 from kp_utils.artifacts import RunLayout, read_json
 from kp_utils.categories import KnowledgeCategory
-from kp_utils.config import load_config
-from kp_utils.runner import run_study
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def ci_run(tmp_path_factory):
-    """Run the ci study once into a temporary folder and return its config."""
-    folder = tmp_path_factory.mktemp("ci_study")
-    params = yaml.safe_load((ROOT / "params" / "ci.yaml").read_text())
-    params["study"]["run_root"] = str(folder / "runs")
-    params["study"]["figures_root"] = str(folder / "figures")
-    path = folder / "ci.yaml"
-    path.write_text(yaml.safe_dump(params))
-    run_study(path)
-    return load_config(path)
+# The ci_run fixture in conftest.py runs the study once per session; other modules reuse it.
 
 
 def test_ci_facts_and_labels(ci_run):

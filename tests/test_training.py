@@ -20,14 +20,18 @@ from kp_utils.training import (
     ExtraKind,
     NonFiniteLossError,
     TrainingCell,
+    adapter_label,
+    build_lora_config,
     build_training_set,
     cell_key,
     cell_label,
+    cell_train_config,
     check_grid_feasible,
     collate_examples,
     count_trainable_parameters,
     encode_training_rows,
     expand_grid,
+    format_layers,
     is_cell_done,
     load_adapter,
     prepare_cell_dir,
@@ -45,11 +49,12 @@ class FakeTrainConfig:
     n_extra_per_unknown: list[int] = field(default_factory=lambda: [0])
     extra_kinds: list[str] = field(default_factory=lambda: ["paraphrase", "highly_known"])
     seeds: list[int] = field(default_factory=lambda: [0])
-    lora_rank: int = 1
-    lora_alpha: float = 2.0
+    lora_rank: int | list[int] = 1
+    lora_alpha: float | list[float] = 2.0
+    lora_alpha_per_rank: float | None = None
     lora_dropout: float = 0.1
-    target_modules: list[str] = field(default_factory=lambda: ["down_proj", "gate_proj", "up_proj"])
-    layers: list[int] | None = None
+    target_modules: list = field(default_factory=lambda: ["down_proj", "gate_proj", "up_proj"])
+    layers: list | None = None
     learning_rate: float = 3e-2
     n_epochs: int = 4
     batch_size: int = 2
@@ -223,6 +228,113 @@ def test_cell_label_formats():
     assert cell_label(TrainingCell(50, 0, None, 2)) == "UK50 s2"
 
 
+def test_cell_label_adapter_suffix():
+    cell = TrainingCell(50, 0, None, 0, 8, 16.0, ("down_proj",), (26, 27, 28, 29))
+    assert cell_label(cell) == "UK50-r8-a16-down_proj-L26-29 s0"
+    assert cell_label(TrainingCell(50, 0, None, 1, lora_rank=4, lora_alpha=8)) == "UK50-r4-a8 s1"
+    layers_only = TrainingCell(5, 1, ExtraKind.PARAPHRASE, 0, layers=(0,))
+    assert cell_label(layers_only) == "UK5+Para1-L0 s0"
+
+
+def test_adapter_label_always_full():
+    assert adapter_label(TrainingCell(5, 0, None, 0)) == "r1-a2-down_proj+gate_proj+up_proj"
+    cell = TrainingCell(5, 0, None, 0, 2, 0.5, ("down_proj",), (0, 1))
+    assert adapter_label(cell) == "r2-a0.5-down_proj-L0-1"
+
+
+def test_format_layers_runs():
+    assert format_layers(None) == "all"
+    assert format_layers((3,)) == "3"
+    assert format_layers((29, 26, 27, 28)) == "26-29"
+    assert format_layers((0, 5, 6, 9)) == "0+5-6+9"
+
+
+@pytest.mark.parametrize(
+    ("adapter", "message"),
+    [
+        ({"lora_rank": 0}, "lora_rank must be at least 1, got 0"),
+        ({"lora_alpha": 0.0}, "lora_alpha must be above 0, got 0.0"),
+        ({"target_modules": ()}, "target_modules must list at least one"),
+        ({"target_modules": ("down_proj", "")}, "target_modules must list at least one"),
+        ({"layers": ()}, r"layers must be None \(every layer\) or indices >= 0"),
+        ({"layers": (-1,)}, r"layers must be None \(every layer\) or indices >= 0"),
+    ],
+)
+def test_training_cell_bad_adapter_raises(adapter, message):
+    with pytest.raises(ValueError, match=message):
+        TrainingCell(5, 0, None, 0, **adapter)
+
+
+def test_training_cell_adapter_fields_cast():
+    cell = TrainingCell(5, 0, None, 0, lora_alpha=2, target_modules=["down_proj"], layers=[1])
+    assert cell == TrainingCell(
+        5, 0, None, 0, lora_alpha=2.0, target_modules=("down_proj",), layers=(1,)
+    )
+    assert isinstance(cell.lora_alpha, float)
+
+
+def test_expand_grid_adapter_product():
+    config = FakeTrainConfig(
+        n_unknown=[2, 8],
+        seeds=[0, 1],
+        lora_rank=[1, 4],
+        lora_alpha=[2.0, 8.0],
+        target_modules=[["down_proj"], ["down_proj", "up_proj"]],
+        layers=[[0], None],
+    )
+    cells = expand_grid(config)
+    # 2 module sets x 2 layer sets x 2 ranks x 2 alphas = 16 adapters, x 2 n_unknown x 2 seeds.
+    assert len(cells) == 64
+    assert len({(c.lora_rank, c.lora_alpha, c.target_modules, c.layers) for c in cells}) == 16
+    assert {c.layers for c in cells} == {(0,), None}
+
+
+def test_expand_grid_alpha_per_rank():
+    config = FakeTrainConfig(lora_rank=[1, 4, 16], lora_alpha=99.0, lora_alpha_per_rank=2.0)
+    cells = expand_grid(config)
+    assert [(c.lora_rank, c.lora_alpha) for c in cells] == [(1, 2.0), (4, 8.0), (16, 32.0)]
+
+
+def test_expand_grid_adapter_duplicates_dropped():
+    config = FakeTrainConfig(
+        lora_rank=[4, 4], lora_alpha=[8, 8.0], target_modules=[["down_proj"], ["down_proj"]]
+    )
+    assert expand_grid(config) == [TrainingCell(2, 0, None, 0, 4, 8.0, ("down_proj",))]
+
+
+def test_expand_grid_single_adapter_paper():
+    # A config without sweeps gives the paper's adapter on every cell.
+    assert all(cell.is_paper_adapter for cell in expand_grid(FakeTrainConfig(n_unknown=[1, 5])))
+
+
+def test_cell_train_config_single_values():
+    config = FakeTrainConfig(
+        lora_rank=[1, 4], lora_alpha_per_rank=2.0, target_modules=[["down_proj"]], layers=[[1]]
+    )
+    cell = TrainingCell(2, 0, None, 0, 4, 8.0, ("down_proj",), (1,))
+    resolved = cell_train_config(config, cell)
+    assert resolved.lora_rank == 4
+    assert resolved.lora_alpha == 8.0
+    assert resolved.lora_alpha_per_rank is None
+    assert resolved.target_modules == ["down_proj"]
+    assert resolved.layers == [1]
+    assert resolved.n_epochs == config.n_epochs
+
+
+def test_lora_config_swept_raises():
+    with pytest.raises(ValueError, match=r"lora_rank has 2 values.*cell_train_config"):
+        build_lora_config(FakeTrainConfig(lora_rank=[1, 4]))
+
+
+def test_lora_config_from_cell():
+    config = FakeTrainConfig(target_modules=[["down_proj"], ["up_proj"]], layers=[[1], None])
+    cell = TrainingCell(2, 0, None, 0, 4, 8.0, ("up_proj",), (1,))
+    lora = build_lora_config(cell_train_config(config, cell))
+    assert (lora.r, lora.lora_alpha) == (4, 8.0)
+    assert lora.target_modules == {"up_proj"}
+    assert lora.layers_to_transform == [1]
+
+
 # --- Training sets ---------------------------------------------------------------------------
 
 
@@ -384,11 +496,7 @@ def test_cell_key_starts_with_label_slug():
 @pytest.mark.parametrize(
     "change",
     [
-        {"lora_rank": 2},
-        {"lora_alpha": 4.0},
         {"lora_dropout": 0.0},
-        {"target_modules": ["down_proj"]},
-        {"layers": [0]},
         {"learning_rate": 1e-4},
         {"n_epochs": 5},
         {"batch_size": 8},
@@ -403,6 +511,48 @@ def test_cell_key_changes_with_field(change):
         CELL, dataclasses.replace(FakeTrainConfig(), **change), "embedded:smollm2", "abc123"
     )
     assert changed != base
+
+
+def _adapter_cell(**adapter) -> TrainingCell:
+    return TrainingCell(50, 1, ExtraKind.HIGHLY_KNOWN, 0, **adapter)
+
+
+@pytest.mark.parametrize(
+    "adapter",
+    [
+        {"lora_rank": 2},
+        {"lora_alpha": 4.0},
+        {"target_modules": ("down_proj",)},
+        {"layers": (0,)},
+    ],
+)
+def test_cell_key_changes_with_adapter(adapter):
+    base = cell_key(CELL, FakeTrainConfig(), "embedded:smollm2", "abc123")
+    changed = cell_key(_adapter_cell(**adapter), FakeTrainConfig(), "embedded:smollm2", "abc123")
+    assert changed != base
+
+
+def test_cell_key_adapter_from_cell():
+    # The cell decides the adapter, so a config sweeping ranks gives the key of its cells.
+    cell = _adapter_cell(lora_rank=4, lora_alpha=8.0)
+    swept = FakeTrainConfig(lora_rank=[1, 4], lora_alpha_per_rank=2.0)
+    single = FakeTrainConfig(lora_rank=4, lora_alpha=8)
+    key = cell_key(cell, swept, "embedded:smollm2", "abc123")
+    assert key == cell_key(cell, single, "embedded:smollm2", "abc123")
+    assert key == cell_key(cell, cell_train_config(swept, cell), "embedded:smollm2", "abc123")
+
+
+def test_cell_key_paper_adapter_unchanged():
+    # A cell with the paper's adapter keeps the slug it had before adapter axes existed.
+    key = cell_key(CELL, FakeTrainConfig(lora_rank=[1]), "embedded:smollm2", "abc123")
+    assert key == cell_key(CELL, FakeTrainConfig(), "embedded:smollm2", "abc123")
+    assert key.startswith("uk50-hk1-s0-")
+
+
+def test_cell_key_adapter_slug():
+    cell = _adapter_cell(lora_rank=8, lora_alpha=16, target_modules=("down_proj",), layers=(2, 3))
+    key = cell_key(cell, FakeTrainConfig(), "embedded:smollm2", "abc123")
+    assert key.startswith("uk50-hk1-r8-a16-down-proj-l2-3-s0-")
 
 
 def test_cell_key_ignores_grid_lists():
@@ -531,6 +681,23 @@ def test_train_layers_limit_parameters(tiny_model, tokenizer, train_rows, tmp_pa
     config = FakeTrainConfig(layers=[1], n_epochs=1)
     result = _train(tiny_model, tokenizer, train_rows, tmp_path / "cell", config)
     assert result["n_trainable_parameters"] == 288
+
+
+def test_train_rank_sets_trainable_count(tiny_model, tokenizer, train_rows, tmp_path):
+    config = FakeTrainConfig(lora_rank=[1, 4], target_modules=["down_proj"], n_epochs=1)
+    counts = {}
+    for cell in expand_grid(config):
+        result = _train(
+            tiny_model,
+            tokenizer,
+            train_rows,
+            tmp_path / cell_label(cell),
+            cell_train_config(config, cell),
+        )
+        counts[cell.lora_rank] = result["n_trainable_parameters"]
+    # down_proj maps 64 -> 32: A is r x 64 and B is 32 x r, so 96 r per layer, 192 r for the
+    # 2 layers of the tiny model: 192 at rank 1 and 768 at rank 4.
+    assert counts == {1: 192, 4: 768}
 
 
 def test_train_records_evaluation(tiny_model, tokenizer, train_rows, tmp_path):
