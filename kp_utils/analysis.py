@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from kp_utils import plotting
+from kp_utils import capacity, findings, paper, plotting
 from kp_utils.artifacts import RunLayout
 from kp_utils.categories import KnowledgeCategory
-from kp_utils.config import StudyConfig
+from kp_utils.config import StudyConfig, load_config
 from kp_utils.labelling import count_categories
 
 logger = logging.getLogger(__name__)
@@ -56,10 +56,12 @@ def load_run(config: StudyConfig) -> dict:
     cells = pd.read_csv(layout.cells_index_path)
     return {
         "base_labels": pd.read_parquet(layout.base_labels_path),
+        "base_replies": pd.read_parquet(layout.base_replies_path),
         "cells": cells,
         "results": pd.read_csv(layout.results_path),
         "base_benchmarks": pd.read_csv(layout.base_benchmarks_path),
         "epochs": collect_epochs(config.run_dir, cells),
+        "reasons": _reasons_table(config, cells),
     }
 
 
@@ -67,8 +69,20 @@ def _model_name(config: StudyConfig) -> str:
     return config.model.name_or_path.removeprefix("embedded:")
 
 
+def has_several_adapters(results: pd.DataFrame) -> bool:
+    """Tell whether the grid swept the adapter size (LoRA rank, alpha, modules or layers)."""
+    return "adapter" in results and results["adapter"].nunique() > 1
+
+
 def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
-    """Draw and save every figure the run's tables support; return the paths per figure."""
+    """Draw and save every figure the run's tables support; return the paths per figure.
+
+    A grid that sweeps adapter sizes gets the capacity figures instead of the paper's
+    per-augmentation figures, whose lines would otherwise pool different adapter sizes.
+    """
+    if has_several_adapters(run["results"]):
+        logger.info("Several adapter sizes: the capacity figures replace Figures 1-4")
+        return {}
     out, formats, model = config.figures_dir, config.analysis.figure_formats, _model_name(config)
     results, base = run["results"], run["base_benchmarks"].set_index("name")
     saved = {}
@@ -103,12 +117,79 @@ def make_figures(config: StudyConfig, run: dict) -> dict[str, list[Path]]:
             None,
         )
         saved[f"figure_{column}"] = plotting.save_figure(fig, out, f"figure_{column}", formats)
+    if config.analysis.compare_with:
+        saved.update(make_model_comparison(config, run))
     logger.info("Saved %d figures to %s", len(saved), out)
     return saved
 
 
+def _comparison_results(results: pd.DataFrame) -> pd.DataFrame:
+    # Figure 5 of Pletenev et al. (2025) follows adapters trained without extras.
+    plain = results[results["n_extra_per_unknown"] == 0]
+    return plain if len(plain) else results
+
+
+def make_model_comparison(
+    config: StudyConfig, run: dict, metric: str = "truthfulqa_mc1"
+) -> dict[str, list[Path]]:
+    """Draw Figure 5: `metric` against the number of new facts for this study's model and
+    for each study in `analysis.compare_with`, with each base model as a dashed line.
+
+    A compared study whose notebooks 01-03 have not run, or that did not score `metric`, is
+    left out with a WARNING. The studies should score the same benchmark questions (same
+    seed and subset size) so that their lines compare.
+    """
+    results_by_model = {_model_name(config): _comparison_results(run["results"])}
+    bases = {_model_name(config): _base_score(run["base_benchmarks"], metric)}
+    n_questions = (
+        {int(run["results"][f"{metric}_n"].iloc[0])} if metric in run["results"] else set()
+    )
+    for other_path in config.analysis.compare_with:
+        other = load_config(str(config.resolve_path(other_path)))
+        layout = RunLayout(other.run_dir)
+        if not (layout.results_path.exists() and layout.base_benchmarks_path.exists()):
+            logger.warning(
+                "Study %s has no results in %s; left out of Figure 5",
+                other.study.name,
+                other.run_dir,
+            )
+            continue
+        results = pd.read_csv(layout.results_path)
+        if metric not in results:
+            logger.warning(
+                "Study %s did not score %s; left out of Figure 5", other.study.name, metric
+            )
+            continue
+        results_by_model[_model_name(other)] = _comparison_results(results)
+        bases[_model_name(other)] = _base_score(pd.read_csv(layout.base_benchmarks_path), metric)
+        n_questions.add(int(results[f"{metric}_n"].iloc[0]))
+    if len(results_by_model) < 2 or metric not in run["results"]:
+        logger.warning("Figure 5 needs two studies that scored %s; not drawn", metric)
+        return {}
+    label = BENCHMARK_FIGURES[metric][1]
+    counted = "/".join(str(n) for n in sorted(n_questions))
+    fig = plotting.plot_models_vs_facts(
+        results_by_model,
+        metric,
+        label,
+        f"{label} by model ({counted} questions)",
+        {model: value for model, value in bases.items() if value is not None},
+    )
+    name = "figure5_models_truthfulqa_mc1"
+    return {
+        name: plotting.save_figure(fig, config.figures_dir, name, config.analysis.figure_formats)
+    }
+
+
+def _base_score(base_benchmarks: pd.DataFrame, metric: str) -> float | None:
+    scores = base_benchmarks.set_index("name")["score"]
+    return float(scores[metric]) if metric in scores else None
+
+
 def _mean_over_seeds(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     keys = ["n_unknown", "n_extra_per_unknown", "extra_kind"]
+    if has_several_adapters(results):
+        keys = ["adapter", *keys]
     present = [c for c in columns if c in results]
     return results.groupby(keys)[present].agg(["mean", "min", "max"]).round(4)
 
@@ -178,12 +259,46 @@ def make_tables(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def make_capacity_outputs(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
+    """Save the capacity tables and figures when the grid sweeps adapter sizes; else nothing."""
+    return capacity.make_capacity_outputs(config, run["results"], run["base_benchmarks"])
+
+
+def compare_with_paper(config: StudyConfig, run: dict) -> dict[str, pd.DataFrame]:
+    """Build and save every side-by-side table: the paper's value, then this run's.
+
+    A grid that sweeps adapter sizes gets none, because the paper trains one adapter size.
+    """
+    if has_several_adapters(run["results"]):
+        logger.info("Several adapter sizes: no side-by-side tables with the paper's rank-1 grid")
+        return {}
+    tables = paper.compare_with_paper(run)
+    for name, table in tables.items():
+        plotting.save_table(table, config.figures_dir, name)
+    return tables
+
+
+def findings_checklist(config: StudyConfig, run: dict) -> pd.DataFrame:
+    """Check the paper's main claims on this run and save the checklist as CSV and Markdown.
+
+    A grid that sweeps adapter sizes gets an empty checklist, because the claims concern the
+    paper's single adapter size.
+    """
+    if has_several_adapters(run["results"]):
+        logger.info("Several adapter sizes: the findings checklist is left to the paper's grid")
+        return pd.DataFrame()
+    checklist = findings.findings_checklist(config, run)
+    plotting.save_table(checklist, config.figures_dir, "findings_checklist")
+    return checklist
+
+
 def shift_examples(
     config: StudyConfig, run: dict, cell_key: str, relation: str | None, shift: str
 ) -> pd.DataFrame:
     """List the questions of one cell whose category moved in the `shift` direction.
 
-    `shift` is "positive", "negative" or "any"; the table shows base and adapted answers.
+    `shift` is "positive", "negative" or "any". The table shows each question's base and
+    adapted categories and its base and adapted answers under the first prompt.
     """
     eval_dir = RunLayout(config.run_dir).cell_dir(cell_key) / "eval"
     adapted = pd.read_parquet(eval_dir / "labels.parquet")
@@ -196,11 +311,28 @@ def shift_examples(
     joined = joined[keep]
     if relation:
         joined = joined[joined["relation"] == relation]
-    replies = pd.read_parquet(eval_dir / "replies.parquet")
-    first = replies[replies["prompt_index"] == 0][["fact_id", "question", "extracted_answer"]]
-    return joined.merge(first, on="fact_id")[
-        ["fact_id", "relation", "question", "category_base", "category_adapted", "extracted_answer"]
+    adapted_first = _first_prompt_answers(pd.read_parquet(eval_dir / "replies.parquet"))
+    base_first = _first_prompt_answers(run["base_replies"]).drop(columns="question")
+    table = joined.merge(adapted_first, on="fact_id").merge(
+        base_first, on="fact_id", suffixes=("_adapted", "_base")
+    )
+    return table[
+        [
+            "fact_id",
+            "relation",
+            "question",
+            "category_base",
+            "category_adapted",
+            "answer_base",
+            "answer_adapted",
+        ]
     ]
+
+
+def _first_prompt_answers(replies: pd.DataFrame) -> pd.DataFrame:
+    # The first prompt's answer stands for the question; the others are in replies.parquet.
+    first = replies[replies["prompt_index"] == 0][["fact_id", "question", "extracted_answer"]]
+    return first.rename(columns={"extracted_answer": "answer"})
 
 
 def explore(config: StudyConfig, run: dict):

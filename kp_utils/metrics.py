@@ -16,6 +16,7 @@ METRICS_VERSION changes whenever a definition here changes the numbers it return
 direction, answer normalisation, which rows count as answers, calibration bins). Bump it, add a
 line below saying why, and write it into every results file next to CATEGORY_RULE_VERSION.
 Version 1: first definitions.
+Version 2: shift_reasons adds `explained`, the share of shifted facts with any reason.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kp_utils.matching import normalize_text
 
 logger = logging.getLogger(__name__)
 
-METRICS_VERSION = 1
+METRICS_VERSION = 2
 
 # Table order: best known first (HK, MK, WK, UK).
 CATEGORY_ORDER = sorted(KnowledgeCategory, key=lambda category: category.rank, reverse=True)
@@ -292,7 +293,7 @@ def _reason_row(
     shifted: pd.DataFrame,
     base: KnowledgeCategory,
     adapted: KnowledgeCategory,
-    flags: dict[str, pd.Series],
+    flags: pd.DataFrame,
 ) -> dict:
     row = {
         "shift": f"{SHORT_LABELS[base]} -> {SHORT_LABELS[adapted]}",
@@ -303,6 +304,9 @@ def _reason_row(
     for reason in REASON_COLUMNS:
         # NaN when no fact made this shift, because a share of nothing is undefined.
         row[reason] = float(flags[reason].mean()) if len(shifted) else float("nan")
+    # The paper's "shift explained": facts with at least one reason, so overlaps count once.
+    any_reason = flags[list(REASON_COLUMNS)].any(axis=1)
+    row["explained"] = float(any_reason.mean()) if len(shifted) else float("nan")
     return row
 
 
@@ -364,7 +368,8 @@ def shift_reasons(
     - trained_domain: the fact's domain (from `base_labels`) is the domain of a trained fact.
     Answers are compared after `normalize_text`, and refusals or empty answers never match.
     The reasons may overlap, so one fact can count under several and the shares of a row need
-    not sum to 1. `exclude_fact_ids` (e.g. the trained facts) are left out before counting.
+    not sum to 1. `explained` is the share of facts with at least one reason.
+    `exclude_fact_ids` (e.g. the trained facts) are left out before counting.
 
     Returns one row per shift with columns shift (short label such as "UK -> HK"),
     base_category, adapted_category, n_shifted and one share column per reason (NaN when

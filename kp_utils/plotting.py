@@ -173,6 +173,44 @@ def plot_metric_vs_facts(
     return fig
 
 
+def plot_models_vs_facts(
+    results_by_model: dict[str, pd.DataFrame],
+    metric: str,
+    ylabel: str,
+    title: str,
+    base_values: dict[str, float] | None = None,
+) -> Figure:
+    """Plot a metric against the number of Unknown facts, one line per model.
+
+    Each model's line is its mean over cells at each fact count (seeds and, where present,
+    augmentations pooled), with a min-max band. A model's base value is a dashed line in the
+    same colour. The x axis is logarithmic, labelled with every model's fact counts.
+    """
+    if not results_by_model:
+        raise ValueError("results_by_model is empty, so there is nothing to plot")
+    for model, results in results_by_model.items():
+        _require_columns(results, ["n_unknown", metric], f"results of {model}")
+    fact_counts = sorted({int(n) for r in results_by_model.values() for n in r["n_unknown"]})
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    palette = sns.color_palette(n_colors=len(results_by_model))
+    for (model, results), color in zip(results_by_model.items(), palette, strict=True):
+        stats = results.groupby("n_unknown")[metric].agg(["mean", "min", "max"]).sort_index()
+        _draw_band(ax, stats.index, stats, f"{model} with new facts", color)
+        if base_values and model in base_values:
+            ax.axhline(base_values[model], linestyle="--", color=color, label=f"{model} base")
+
+    _set_fact_count_axis(ax, fact_counts)
+    ax.set(
+        xlabel=f"{SHORT_LABELS[KnowledgeCategory.UNKNOWN]} facts in training",
+        ylabel=ylabel,
+        title=title,
+    )
+    ax.legend(fontsize="small")
+    return fig
+
+
 def plot_reliability_by_epoch(epochs: pd.DataFrame) -> Figure:
     """Plot reliability against training epoch, one line per grid cell.
 

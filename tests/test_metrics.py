@@ -78,8 +78,8 @@ REPLIES = make_replies(
 )
 
 
-def test_metrics_version_is_one():
-    assert METRICS_VERSION == 1
+def test_metrics_version_is_two():
+    assert METRICS_VERSION == 2
 
 
 def test_reliability_trained_facts_share():
@@ -394,6 +394,7 @@ def test_shift_reasons_unknown_to_highly_known():
     assert row["exploded_answer"] == 0.5
     assert row["trained_answer"] == 0.5
     assert row["trained_domain"] == 1.0
+    assert row["explained"] == 1.0
 
 
 def test_shift_reasons_highly_known_to_unknown():
@@ -403,6 +404,7 @@ def test_shift_reasons_highly_known_to_unknown():
     assert row["exploded_answer"] == 0.0
     assert row["trained_answer"] == 1.0
     assert row["trained_domain"] == 0.0
+    assert row["explained"] == 1.0
 
 
 def test_shift_reasons_exclusion():
@@ -413,11 +415,19 @@ def test_shift_reasons_exclusion():
     assert row["trained_domain"] == 1.0
 
 
+def test_shift_reasons_explained_none():
+    # Without f1 and with no trained domains, f3 matches no reason: explained share 0.
+    facts = TRAIN_FACTS.assign(domain=["nowhere", "nowhere"])
+    row = run_shift_reasons(exclude_fact_ids=["f1"], train_facts=facts).loc["UK -> HK"]
+    assert row["explained"] == 0.0
+
+
 def test_shift_reasons_no_shift_nan():
     # Without f2 no fact moves HK -> UK, so its shares are undefined.
     row = run_shift_reasons(exclude_fact_ids=["f2"]).loc["HK -> UK"]
     assert row["n_shifted"] == 0
     assert math.isnan(row["trained_answer"])
+    assert math.isnan(row["explained"])
 
 
 def test_shift_reasons_missing_replies_raises():
