@@ -147,8 +147,8 @@ def check_highly_known_balance(results: pd.DataFrame) -> Finding:
 def check_paraphrase_speed(epochs: pd.DataFrame) -> Finding:
     """Check "paraphrases speed up learning" on the mean per-epoch reliability.
 
-    Pairs are a paraphrase cell and the cell without extras of the same n_unknown and seed;
-    the statistic is the mean difference, and its interval the range over pairs.
+    Each pair is a paraphrase cell and the cell without extras of the same n_unknown and seed.
+    The statistic is the mean difference, and its interval the range over pairs.
     """
     claim = "Paraphrases of the new facts speed up learning"
     if epochs.empty or "reliability" not in epochs:
